@@ -16,6 +16,7 @@ namespace sam_kernels {
   void orth_combine_(at::TensorList d, at::TensorList m, const at::Tensor& stats,           \
                      double gamma, double eps);                                             \
   at::Tensor lerp_sum_sq_(at::TensorList ema, at::TensorList g, double theta);              \
+  void axpby_(at::TensorList ys, at::TensorList xs, double a, double b);                    \
   }
 
 SAM_KERNELS_DECLARE_BACKEND(cpu)

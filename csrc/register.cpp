@@ -12,6 +12,7 @@ TORCH_LIBRARY(sam_kernels, m) {
   m.def("restore_(Tensor(a!)[] params, Tensor[] backup) -> ()");
   m.def("orth_combine_(Tensor(a!)[] d, Tensor[] m, Tensor stats, float gamma, float eps) -> ()");
   m.def("lerp_sum_sq_(Tensor(a!)[] ema, Tensor[] g, float theta) -> Tensor");
+  m.def("axpby_(Tensor(a!)[] ys, Tensor[] xs, float a, float b) -> ()");
 }
 
 #define SAM_KERNELS_REGISTER_BACKEND(KEY, ns)        \
@@ -22,6 +23,7 @@ TORCH_LIBRARY(sam_kernels, m) {
     m.impl("restore_", &sam_kernels::ns::restore_);  \
     m.impl("orth_combine_", &sam_kernels::ns::orth_combine_); \
     m.impl("lerp_sum_sq_", &sam_kernels::ns::lerp_sum_sq_); \
+    m.impl("axpby_", &sam_kernels::ns::axpby_);      \
   }
 
 SAM_KERNELS_REGISTER_BACKEND(CPU, cpu)

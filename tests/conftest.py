@@ -1,5 +1,6 @@
-"""Shared fixtures: every test that takes `backend` runs once per backend usable on CPU tensors
-here (reference, cpu when built, triton under TRITON_INTERPRET=1)."""
+"""Shared fixtures: every test that takes `backend_device` runs once per (backend, device) this
+machine can run: the backends usable on CPU tensors (reference, cpu when built, triton under
+TRITON_INTERPRET=1), plus the GPU backends on 'cuda' when a GPU is present."""
 import os
 
 import pytest
@@ -7,19 +8,23 @@ import torch
 
 from sam_kernels import ops
 
-CPU_BACKENDS = ops.available_backends("cpu")
+BACKEND_DEVICES = [(b, "cpu") for b in ops.available_backends("cpu")]
+if torch.cuda.is_available():
+    BACKEND_DEVICES += [(b, "cuda") for b in ops.available_backends("cuda")]
+CPU_BACKENDS = [b for b, d in BACKEND_DEVICES if d == "cpu"]
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def pytest_report_header(config):
-    return [f"sam_kernels backends on CPU tensors: {CPU_BACKENDS}",
+    return [f"sam_kernels (backend, device) pairs under test: {BACKEND_DEVICES}",
             f"backend status: {ops.backend_status()}",
             f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
             f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"]
 
 
-@pytest.fixture(params=CPU_BACKENDS)
-def backend(request):
+@pytest.fixture(params=BACKEND_DEVICES, ids=lambda bd: f"{bd[0]}-{bd[1]}")
+def backend_device(request):
+    """(backend name, device string)"""
     return request.param
 
 

@@ -173,5 +173,21 @@ at::Tensor lerp_sum_sq_(at::TensorList ema, at::TensorList g, double theta) {
   return sum_partials<1>(partials, reduction_dtype(ema), {});
 }
 
+void axpby_(at::TensorList ys, at::TensorList xs, double a, double b) {
+  check_list("axpby_", "ys", ys);
+  check_list("axpby_", "xs", xs);
+  check_paired_lists("axpby_", "ys", ys, "xs", xs);
+  const auto chunks = split_into_chunks(ys);
+  for_each_chunk(chunks, [&](int64_t, const Chunk& c) {
+    SAM_KERNELS_DISPATCH(ys[c.tensor].scalar_type(), "axpby_", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const acc_t ca = static_cast<acc_t>(a), cb = static_cast<acc_t>(b);
+      scalar_t* y = ys[c.tensor].data_ptr<scalar_t>() + c.begin;
+      const scalar_t* x = xs[c.tensor].const_data_ptr<scalar_t>() + c.begin;
+      for (int64_t i = 0; i < c.size; ++i) y[i] = axpby<acc_t>(x[i], y[i], ca, cb);
+    });
+  });
+}
+
 }  // namespace cpu
 }  // namespace sam_kernels

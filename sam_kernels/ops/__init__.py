@@ -15,7 +15,7 @@ from ._registry import (BACKENDS, ENV_VAR, BackendUnavailableError, available_ba
 Tensors = Sequence[torch.Tensor]
 
 __all__ = [
-    "sum_sq", "dot_sum_sq", "perturb_", "restore_", "orth_combine_", "lerp_sum_sq_",
+    "sum_sq", "dot_sum_sq", "perturb_", "restore_", "orth_combine_", "lerp_sum_sq_", "axpby_",
     "available_backends", "backend_status", "BackendUnavailableError", "BACKENDS", "ENV_VAR",
 ]
 
@@ -59,3 +59,8 @@ def orth_combine_(d: Tensors, m: Tensors, stats: torch.Tensor, gamma: float, eps
 def lerp_sum_sq_(ema: Tensors, g: Tensors, theta: float, *, backend: str = "auto") -> torch.Tensor:
     """ema ← (1 − theta) · ema + theta · g, and returns Σ ema² of the stored result."""
     return _backend(backend, ema).lerp_sum_sq_(list(ema), list(g), float(theta))
+
+
+def axpby_(ys: Tensors, xs: Tensors, a: float, b: float, *, backend: str = "auto") -> None:
+    """ys ← a · xs + b · ys (ys is not read when b == 0)."""
+    _backend(backend, ys).axpby_(list(ys), list(xs), float(a), float(b))

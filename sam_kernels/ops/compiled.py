@@ -40,6 +40,10 @@ def lerp_sum_sq_(ema: Tensors, g: Tensors, theta: float) -> torch.Tensor:
     return _ops().lerp_sum_sq_(ema, g, theta)
 
 
+def axpby_(ys: Tensors, xs: Tensors, a: float, b: float) -> None:
+    _ops().axpby_(ys, xs, a, b)
+
+
 def _register_fakes() -> None:
     def reduction(xs, shape):
         device = xs[0].device if len(xs) else torch.device("cpu")
@@ -50,7 +54,7 @@ def _register_fakes() -> None:
     torch.library.register_fake("sam_kernels::dot_sum_sq")(lambda a, b: reduction(a, (3,)))
     torch.library.register_fake("sam_kernels::lerp_sum_sq_")(
         lambda ema, g, theta: reduction(ema, ()))
-    for name in ("perturb_", "restore_", "orth_combine_"):
+    for name in ("perturb_", "restore_", "orth_combine_", "axpby_"):
         torch.library.register_fake(f"sam_kernels::{name}")(lambda *args: None)
 
 

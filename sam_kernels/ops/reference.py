@@ -141,3 +141,20 @@ def lerp_sum_sq_(ema: Tensors, g: Tensors, theta: float) -> torch.Tensor:
         torch._foreach_add_(ge, [g[i] for i in idx], alpha=theta)
         _sum_of_squares(ge, out)
     return out
+
+
+def axpby_(ys: Tensors, xs: Tensors, a: float, b: float) -> None:
+    device = _device_type(ys)
+    _checks.check_tensor_list("axpby_", "ys", ys, device)
+    _checks.check_tensor_list("axpby_", "xs", xs, device)
+    _checks.check_paired_lists("axpby_", "ys", ys, "xs", xs)
+    if not ys:
+        return
+    if b == 0:  # y is not read (BLAS convention)
+        torch._foreach_copy_(list(ys), list(xs))
+        if a != 1:
+            torch._foreach_mul_(list(ys), a)
+        return
+    if b != 1:
+        torch._foreach_mul_(list(ys), b)
+    torch._foreach_add_(list(ys), list(xs), alpha=a)

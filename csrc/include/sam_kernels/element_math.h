@@ -66,4 +66,11 @@ SK_HOST_DEVICE T lerped(T ema, T g, T theta) {
   return (T(1) - theta) * ema + theta * g;
 }
 
+// axpby_: a * x + b * y; y is not read when b == 0 (BLAS convention), so stale NaN/inf buffer
+// contents cannot leak into a copy-and-scale.
+template <typename T>
+SK_HOST_DEVICE T axpby(T x, T y, T a, T b) {
+  return b == T(0) ? a * x : a * x + b * y;
+}
+
 }  // namespace sam_kernels
