@@ -139,6 +139,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             total = torch.zeros((), device=self._device)
         return total
 
+    @torch.no_grad()
     def _perturb(self, slots: List[GradSlots], sum_sq: torch.Tensor, eps: float,
                  dirs: Optional[List[Tensors]] = None, rho: Optional[float] = None,
                  keep_backup: bool = True) -> None:
@@ -172,6 +173,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             self._backups[p] = buf
         return buf
 
+    @torch.no_grad()
     def _restore(self) -> None:
         """Copy the kept weights back, exactly, into every perturbed parameter."""
         params, backups = self._perturbed
