@@ -1,7 +1,13 @@
 """sam_kernels: fused multi-tensor kernels and drop-in optimizers for sharpness-aware training."""
-from . import bn, ops
-from .optim import SAM, SharpnessAwareOptimizer
+from . import bn, ops, schedulers
+from .optim import (GAM, GSAM, SAM, SharpnessAwareOptimizer, VaSSO, VaSSORe,
+                    VaSSOReMu)
+from .schedulers import (CosineScheduler, LinearScheduler, PolyScheduler, ProportionScheduler,
+                         SchedulerBase)
 
 __version__ = "0.1.0"
 
-__all__ = ["SAM", "SharpnessAwareOptimizer", "bn", "ops", "__version__"]
+__all__ = ["SAM", "GSAM", "GAM", "VaSSO", "VaSSORe", "VaSSOReMu",
+           "SharpnessAwareOptimizer", "bn", "ops", "schedulers",
+           "SchedulerBase", "LinearScheduler", "CosineScheduler", "PolyScheduler",
+           "ProportionScheduler", "__version__"]

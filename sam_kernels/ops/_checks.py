@@ -1,6 +1,6 @@
 """Argument checks for the Python backends (reference, triton). Same rules and message template
 as csrc/include/sam_kernels/list_checks.h, which the compiled backends use."""
-from typing import Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -65,6 +65,56 @@ def check_scalar_tensor(op: str, name: str, t: torch.Tensor, numel: int, device_
         raise ValueError(f"{op}: {name} must be float32 or float64, got {t.dtype}")
     if t.device.type != device_type:
         raise ValueError(f"{op}: {name} is on {t.device} but the tensors are on {device_type}")
+
+
+def check_op(op: str, lists: Sequence[Tuple[str, Sequence[torch.Tensor]]],
+             scalar: Optional[Tuple[str, torch.Tensor, int]] = None,
+             optional: Tuple[str, ...] = ()) -> None:
+    """All checks of one primitive call, in the order the compiled kernels run them: every list
+    valid and on the first list's device type, every other list paired with the first, then the
+    device scalar (name, tensor, number of elements) when the op takes one. Lists named in
+    `optional` (`weights`, `backup`) are skipped when empty: the contract passes them empty when
+    they are not given."""
+    first_name, first = lists[0]
+    device_type = first[0].device.type if len(first) else "cpu"
+    check_tensor_list(op, first_name, first, device_type)
+    for name, xs in lists[1:]:
+        if name in optional and not len(xs):
+            continue
+        check_tensor_list(op, name, xs, device_type)
+        check_paired_lists(op, first_name, first, name, xs)
+    if scalar is not None:
+        check_scalar_tensor(op, *scalar, device_type)
+
+
+# One entry per primitive (shared by the reference backend and the compiled ops' fake kernels).
+def check_sum_sq(xs, weights) -> None:
+    check_op("sum_sq", [("xs", xs), ("weights", weights)], optional=("weights",))
+
+
+def check_dot_sum_sq(a, b) -> None:
+    check_op("dot_sum_sq", [("a", a), ("b", b)])
+
+
+def check_perturb(params, dirs, sum_sq, backup) -> None:
+    check_op("perturb_", [("params", params), ("dirs", dirs), ("backup", backup)],
+             ("sum_sq", sum_sq, 1), optional=("backup",))
+
+
+def check_restore(params, backup) -> None:
+    check_op("restore_", [("params", params), ("backup", backup)])
+
+
+def check_orth_combine(d, m, stats) -> None:
+    check_op("orth_combine_", [("d", d), ("m", m)], ("stats", stats, 3))
+
+
+def check_lerp_sum_sq(ema, g) -> None:
+    check_op("lerp_sum_sq_", [("ema", ema), ("g", g)])
+
+
+def check_axpby(ys, xs) -> None:
+    check_op("axpby_", [("ys", ys), ("xs", xs)])
 
 
 def reduction_dtype(xs: Sequence[torch.Tensor]) -> torch.dtype:

@@ -1,8 +1,23 @@
 """What every SAM-family optimizer shares: wrapping a base optimizer, gathering gradients,
 perturbing and exactly restoring weights through the primitives, call-order checks, closures,
-BatchNorm freezing and checkpointing. The algorithms (sam.py, gsam.py, ...) are short
-compositions of these pieces; no method here loops arithmetic over parameters."""
+BatchNorm freezing and checkpointing, and the training-loop machinery (GradScaler, DDP,
+gradient clipping, LR-scheduler bookkeeping). The algorithms (sam.py, gsam.py, ...) are short
+compositions of these pieces; no method here loops arithmetic over parameters.
+
+The contract a step follows, whatever the algorithm (see SAM for the pattern):
+- each method that consumes the gradients of a pass calls `_unscale_grads()` first (after its
+  checks): with a GradScaler it unscales that pass's gradients and records its inf/NaN flag;
+- `_perturb(...)` / `_restore()` move to and back from perturbed points;
+- closures go through `_require_closure`: every call runs with DDP `no_sync` where the
+  algorithm keeps per-rank gradients, and restores the weights if it raises; passes at
+  perturbed weights run in `_perturbed_pass()` (BatchNorm running statistics frozen);
+  `pass_context()` gives hand-written loops both;
+- the step ends with `_base_step()` once the final gradient is in `p.grad`, w is restored
+  and (GSAM/GAM) averaged over DDP ranks: clipping (`max_grad_norm`), the GradScaler skip,
+  the base optimizer's step.
+"""
 import contextlib
+import copy
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -36,22 +51,79 @@ def check_positive(name: str, value: Any) -> None:
         raise ValueError(f"Invalid {name} value: {value!r} (must be a finite number > 0)")
 
 
+class StepVar:
+    """An attribute that a step changes (declare it in the class body: ``steps = StepVar(0)``).
+
+    Its value lives in the instance dict ``_step_vars``: torch.compile (2.13) silently drops
+    plain attribute writes on optimizer objects made inside a compiled region, while writes
+    into a dict the optimizer holds are replayed — so a compiled step keeps such state right.
+    """
+
+    def __init__(self, default: Any = None) -> None:
+        self.default = default
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: Optional[type] = None) -> Any:
+        if obj is None:
+            return self
+        return obj.__dict__.get("_step_vars", {}).get(self.name, self.default)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__.setdefault("_step_vars", {})[self.name] = value
+
+
 class SharpnessAwareOptimizer(torch.optim.Optimizer):
     """Base class of the SAM family. Subclasses define the step; see SAM for the pattern.
 
     `base_optimizer` is a torch.optim.Optimizer class (built here on our param groups with
     `base_kwargs`) or an instance over the same parameters. Either way both objects share the
-    very same param-group dicts, so LR schedulers and GradScaler work on either object.
+    very same param-group dicts, so LR schedulers work on either object.
+
+    Training options every algorithm accepts (also through `**base_kwargs` of a subclass that
+    does not name them): `grad_scaler=` a `torch.amp.GradScaler` (both passes scaled, each
+    unscaled once, the update skipped when any pass has inf/NaN; call `scaler.update()` after
+    each step, never `scaler.step(optimizer)`), and `max_grad_norm=` (the final gradient is
+    clipped to this global L2 norm before the base step).
     """
 
     #: per-group hyper-parameters validated as >= 0 (subclasses extend)
     _nonnegative_group_keys: Tuple[str, ...] = ()
+    #: True for algorithms that combine the gradients of several passes into the final one
+    #: (GSAM, GAM): under DDP every pass then runs without synchronisation and the final
+    #: gradient is averaged once (`_sync_grads`); otherwise only the last pass at the
+    #: perturbed point is synchronised by DDP, and pass 1 stays per-rank.
+    _reduce_final_grads: bool = False
+    #: keys of `self.state[p]` that persist across steps and change before a step knows
+    #: whether GradScaler found inf/NaN (e.g. VaSSO's EMA). With a GradScaler they are copied
+    #: at the start of a step and put back, with `_extra_state()`, when the step is skipped.
+    _amp_guarded_state: Tuple[str, ...] = ()
+
+    # what a step changes on the object itself (see StepVar)
+    _perturbed = StepVar()  # (params, backups) while at a perturbed point, else None
+    _amp_passes = StepVar(0)  # passes unscaled in the current step
+    _amp_snapshot = StepVar()  # guarded state copied at the start of an AMP step
+    _opt_called = StepVar(False)  # read by torch LR schedulers
+    #: L2 norm of the last final gradient before clipping (a device tensor; with
+    #: max_grad_norm only)
+    last_grad_norm = StepVar()
 
     def __init__(self, params: Iterable, base_optimizer: Any, defaults: Dict[str, Any], *,
                  backend: str = "auto", model: Optional[torch.nn.Module] = None,
-                 base_kwargs: Optional[Dict[str, Any]] = None) -> None:
+                 base_kwargs: Optional[Dict[str, Any]] = None,
+                 grad_scaler: Optional[torch.amp.GradScaler] = None,
+                 max_grad_norm: Optional[float] = None) -> None:
+        self.__dict__.setdefault("_step_vars", {})  # made here, outside any compiled region
         _registry.validate_name(backend)
-        base_kwargs = base_kwargs or {}
+        base_kwargs = dict(base_kwargs or {})
+        grad_scaler = base_kwargs.pop("grad_scaler", grad_scaler)
+        max_grad_norm = base_kwargs.pop("max_grad_norm", max_grad_norm)
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise TypeError(f"grad_scaler must be a torch.amp.GradScaler (or None), got "
+                            f"{grad_scaler!r}")
+        if max_grad_norm is not None:
+            check_positive("max_grad_norm", max_grad_norm)
         if isinstance(base_optimizer, torch.optim.Optimizer):
             if base_kwargs:
                 raise TypeError(
@@ -71,10 +143,18 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self.defaults.update(base_optimizer.defaults)
         self.backend = backend
         self.model = model
+        # looked up once: inside a compiled step, walking the model's wrappers again trips
+        # dynamo (the same module reached through two sources)
+        self._ddp_module = find_ddp(model)
+        self.grad_scaler = grad_scaler
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self._check_groups()
-        self._device = _single_device(self.param_groups)
+        self._set_device()
+        # containers made here, outside any compiled region (see StepVar): their contents
+        # change in steps
         self._backups: Dict[torch.Tensor, torch.Tensor] = {}
-        self._perturbed: Optional[Tuple[Tensors, Tensors]] = None  # (params, backups) if at w+e
+        self._scratch_buffers: Dict[str, Dict[torch.Tensor, torch.Tensor]] = {}
+        self._amp_views: List[_ScalerPass] = []  # one GradScaler key per pass of a step
 
     # ------------------------------------------------------------------ validation
     def _check_groups(self) -> None:
@@ -89,7 +169,13 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             param_group.setdefault(key, value)
         self.base_optimizer.add_param_group(param_group)
         self._check_groups()
+        self._set_device()
+
+    def _set_device(self) -> None:
         self._device = _single_device(self.param_groups)
+        # resolved once, not per step: keeps the step free of host-side lookups that
+        # torch.compile cannot trace
+        self._backend_module = _registry.resolve(self.backend, self._device or "cpu")
 
     # ------------------------------------------------------------------ building blocks
     @property
@@ -99,7 +185,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     def _ops(self):
         """The primitives' backend module for this optimizer's parameters."""
-        return _registry.resolve(self.backend, self._device or "cpu")
+        return self._backend_module
 
     def _slots_with_grads(self) -> List[GradSlots]:
         """Per param group, the parameters that have a gradient now (dense, on one device)."""
@@ -191,30 +277,187 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"{what} was called without a preceding first_step(); the step "
                                "order is first_step() -> backward at w+e -> second_step()")
 
-    @staticmethod
-    def _require_closure(closure: Optional[Callable], cls_name: str) -> Callable:
+    def _require_closure(self, closure: Optional[Callable], cls_name: str) -> Callable:
+        """`closure` wrapped so that every call runs as one pass of this step: with gradients
+        enabled, under DDP's `no_sync` where the algorithm keeps per-rank gradients, and with
+        the step undone (weights restored) if it raises."""
         if closure is None:
             raise RuntimeError(
                 f"{cls_name}.step() needs a closure that zeroes the gradients, runs the forward "
                 "and backward pass and returns the loss, e.g. optimizer.step(closure); or call "
                 "first_step() / second_step() around your own backward passes")
-        return torch.enable_grad()(closure)
+
+        def one_pass():
+            with torch.enable_grad(), self._pass_sync(), self._abort_on_error():
+                return closure()
+        return one_pass
 
     @contextlib.contextmanager
-    def _perturbed_pass(self):
+    def pass_context(self, freeze_bn: Optional[bool] = None):
+        """Wrap each forward+backward pass of a hand-written step (first_step/second_step) in
+        this; `step(closure)` does it for you. It applies what `model=` asks for:
+
+        - DDP (`model` is DistributedDataParallel): `model.no_sync()` for the passes whose
+          gradients stay per-rank — pass 1 of every algorithm, and every pass of those that
+          average their final gradient themselves (GSAM, GAM);
+        - BatchNorm running statistics frozen at perturbed weights (`freeze_bn=None`), or as
+          `freeze_bn` says;
+        - on an exception the weights are restored and the step abandoned.
+        """
+        freeze = self.model is not None and (self.perturbed if freeze_bn is None else freeze_bn)
+        with self._pass_sync(), self._abort_on_error():
+            if freeze:
+                bn.disable_running_stats(self.model)
+            try:
+                yield
+            finally:
+                if freeze:
+                    bn.enable_running_stats(self.model)
+
+    def _perturbed_pass(self, freeze_bn: bool = True):
         """Context of a forward/backward at perturbed weights: BatchNorm running statistics
-        frozen when `model` was given; on an exception the weights are restored first."""
-        if self.model is not None:
-            bn.disable_running_stats(self.model)
+        frozen when `model` was given (and `freeze_bn`: a step whose only forward pass is this
+        one may let it update them); on an exception the weights are restored first."""
+        return self.pass_context(freeze_bn=freeze_bn)
+
+    def _pass_sync(self):
+        """DDP's `no_sync()` for a pass whose gradients stay per-rank, else nothing."""
+        if self.perturbed and not self._reduce_final_grads:
+            return contextlib.nullcontext()  # the final pass of SAM/ASAM/VaSSO: DDP averages
+        return self._no_sync()
+
+    @contextlib.contextmanager
+    def _abort_on_error(self):
         try:
             yield
         except BaseException:
-            if self._perturbed is not None:
-                self._restore()
+            self._abort_step()
             raise
-        finally:
-            if self.model is not None:
-                bn.enable_running_stats(self.model)
+
+    def _abort_step(self) -> None:
+        """Undo a step that failed midway: exact weights back, guarded state back."""
+        if self._perturbed is not None:
+            self._restore()
+        if self._amp_snapshot is not None:
+            self._rollback_guarded_state()
+        self._amp_passes = 0
+
+    # ------------------------------------------------------------------ end of a step
+    @torch.no_grad()
+    def _base_step(self) -> None:
+        """The end of every step, once the final gradient is in `p.grad` and w is restored
+        (and, for `_reduce_final_grads` algorithms, averaged over DDP ranks): clip it to
+        `max_grad_norm`, skip the update if a GradScaler pass found inf/NaN, else step the
+        base optimizer."""
+        if self.max_grad_norm is not None:
+            self._clip_final_grads()
+        # LR schedulers attached to this object (or the base) watch for a call of step();
+        # first_step/second_step loops and skipped steps count as one (davda54/sam #28)
+        self._opt_called = True
+        self.base_optimizer._opt_called = True
+        found_inf = self._found_inf()
+        self._amp_passes = 0
+        if found_inf is None:
+            self._amp_snapshot = None
+            self.base_optimizer.step()
+        elif getattr(self.base_optimizer, "_step_supports_amp_scaling", False) and \
+                self._amp_snapshot is None:
+            # torch's fused optimizers skip on the device flag: no host read at all
+            base = self.base_optimizer
+            base.found_inf = found_inf
+            try:
+                base.step()
+            finally:
+                del base.found_inf
+        elif found_inf.item():  # the one host read GradScaler.step() makes as well
+            self._rollback_guarded_state()
+        else:
+            self._amp_snapshot = None
+            self.base_optimizer.step()
+
+    def _clip_final_grads(self) -> None:
+        """g ← g · min(1, max_grad_norm / (‖g‖ + 1e-6)) over every gradient, as
+        torch.nn.utils.clip_grad_norm_: one fused reduction, the factor stays on the device."""
+        grads = [g for s in self._slots_with_grads() for g in s.grads]
+        if not grads:
+            return
+        norm = self._ops().sum_sq(grads, [], 0.0).sqrt()
+        self.last_grad_norm = norm
+        factor = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, factor)
+
+    # ------------------------------------------------------------------ GradScaler
+    def _amp_enabled(self) -> bool:
+        return self.grad_scaler is not None and self.grad_scaler.is_enabled()
+
+    def _unscale_grads(self) -> None:
+        """With a GradScaler: unscale the gradients of the pass that just ran, in place, and
+        record whether they hold inf/NaN. Call it once per pass, first thing in each method
+        that reads that pass's gradients (after its argument checks)."""
+        if not self._amp_enabled():
+            return
+        if self._amp_passes == 0 and self._amp_snapshot is None:
+            self._snapshot_guarded_state()
+        while len(self._amp_views) <= self._amp_passes:
+            self._amp_views.append(_ScalerPass(self))
+        # GradScaler allows one unscale_ per optimizer and iteration; each pass of a step is
+        # registered under its own key, and update() backs off if any of them found inf/NaN
+        try:
+            self.grad_scaler.unscale_(self._amp_views[self._amp_passes])
+        except BaseException as exc:
+            self._abort_step()
+            if "already been called" not in str(exc):
+                raise
+            raise RuntimeError(f"{type(self).__name__}: the GradScaler already unscaled this "
+                               "pass's gradients; call scaler.update() once after every "
+                               "optimizer step (and never scaler.step(optimizer): the "
+                               "optimizer steps itself with grad_scaler=)") from exc
+        self._amp_passes += 1
+
+    def _found_inf(self) -> Optional[torch.Tensor]:
+        """1.0 if any pass of this step had inf/NaN gradients, else 0.0 (a device tensor), or
+        None without a GradScaler."""
+        if not self._amp_enabled():
+            return None
+        if self._amp_passes == 0:
+            raise RuntimeError(f"{type(self).__name__} has a GradScaler but no pass of this "
+                               "step was unscaled; its step methods must call "
+                               "_unscale_grads() for each pass")
+        flags = [t for view in self._amp_views[:self._amp_passes]
+                 for t in self.grad_scaler._found_inf_per_device(view).values()]
+        if not flags:  # no gradients at all
+            return torch.zeros((), device=self._device)
+        # fused optimizers compare the flag with 1 exactly
+        return torch.clamp(torch.stack(flags).sum(), max=1.0)
+
+    def _snapshot_guarded_state(self) -> None:
+        """With a GradScaler: copy what a skipped step must put back (`_amp_guarded_state`
+        tensors and `_extra_state()`). Taken automatically when the first pass of a step is
+        unscaled; a subclass that changes state earlier in a step (e.g. a decision taken
+        before pass 1) calls it first. Idempotent until the step ends."""
+        if not self._amp_enabled() or not self._amp_guarded_state or \
+                self._amp_snapshot is not None:
+            return
+        present = [(s, key) for s in self.state.values() for key in self._amp_guarded_state
+                   if key in s]
+        live = [s[key] for s, key in present]
+        copies = self._scratch("amp_snapshot", live)
+        if live:
+            self._ops().restore_(copies, live)  # copies ← live, one fused pass
+        self._amp_snapshot = (present, copies, copy.deepcopy(self._extra_state()))
+
+    def _rollback_guarded_state(self) -> None:
+        if self._amp_snapshot is not None:
+            present, copies, extra = self._amp_snapshot
+            if present:
+                self._ops().restore_([s[key] for s, key in present], copies)
+            kept = {(id(s), key) for s, key in present}
+            for s in self.state.values():  # state the skipped step created goes away
+                for key in self._amp_guarded_state:
+                    if key in s and (id(s), key) not in kept:
+                        del s[key]
+            self._load_extra_state(extra)
+        self._amp_snapshot = None
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> Dict[str, Any]:
@@ -252,6 +495,86 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_optimizer={self.base_optimizer!r}, " \
                f"backend={self.backend!r})"
+
+    # ------------------------------------------------------------------ scratch buffers, DDP
+    # (added with GSAM/GAM: gradients kept across passes; per-rank gradients averaged once)
+    def _scratch(self, name: str, params: Tensors) -> Tensors:
+        """Persistent per-parameter buffers shaped like `params`, one set per `name` (e.g. a
+        kept gradient); reallocated only when a parameter's shape/dtype/layout changes."""
+        store = self.__dict__.setdefault("_scratch_buffers", {}).setdefault(name, {})
+        bufs = []
+        for p in params:
+            buf = store.get(p)
+            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or \
+                    buf.device != p.device or buf.stride() != p.stride():
+                buf = torch.empty_like(p, memory_format=torch.preserve_format)
+                store[p] = buf
+            bufs.append(buf)
+        return bufs
+
+    def _ddp_active(self) -> bool:
+        """True when torch.distributed is initialized and `model` is DDP-wrapped (also
+        inside torch.compile's wrapper)."""
+        return self._ddp_module is not None and torch.distributed.is_available() and \
+            torch.distributed.is_initialized()
+
+    def _no_sync(self):
+        """`model.no_sync()` under DDP, so every rank keeps its own gradients; else nothing."""
+        return self._ddp_module.no_sync() if self._ddp_active() else contextlib.nullcontext()
+
+    def _sync_grads(self, grads: Tensors, reduce: str = "mean") -> None:
+        """Under DDP, all-reduce the final gradients across ranks ('mean' or 'sum')."""
+        if self._ddp_active():
+            all_reduce_grads_(grads, average=(reduce == "mean"),
+                              group=self._ddp_module.process_group)
+
+
+def all_reduce_grads_(grads: Tensors, average: bool = True, group: Any = None,
+                      bucket_bytes: int = 32 << 20) -> None:
+    """Sum (or average) tensors across the ranks of `group` in place, with one all_reduce per
+    flat bucket of at most `bucket_bytes` per dtype, not one per tensor. Works on every
+    backend (gloo has no ReduceOp.AVG, so the mean is a sum divided by the world size)."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    world = dist.get_world_size(group)
+    by_dtype: Dict[torch.dtype, Tensors] = defaultdict(list)
+    for g in grads:
+        by_dtype[g.dtype].append(g)
+    for same_dtype in by_dtype.values():
+        bucket: Tensors = []
+        size = 0
+        for i, g in enumerate(same_dtype):
+            bucket.append(g)
+            size += g.numel() * g.element_size()
+            if size >= bucket_bytes or i == len(same_dtype) - 1:
+                flat = _flatten_dense_tensors(bucket)
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+                if average and world > 1:
+                    flat.div_(world)
+                torch._foreach_copy_(bucket, _unflatten_dense_tensors(flat, bucket))
+                bucket, size = [], 0
+
+
+def find_ddp(model: Optional[torch.nn.Module]):
+    """The DistributedDataParallel module `model` is or wraps via torch.compile, else None."""
+    while model is not None:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            return model
+        model = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+    return None
+
+
+class _ScalerPass:
+    """What GradScaler.unscale_ needs of an optimizer (its param groups), one object per pass
+    of a step, so that each pass gets unscaled once and its inf/NaN flag kept apart."""
+
+    def __init__(self, owner: "SharpnessAwareOptimizer") -> None:
+        self._owner = owner
+
+    @property
+    def param_groups(self):
+        return self._owner.param_groups
 
 
 def _all_params(groups) -> Tensors:

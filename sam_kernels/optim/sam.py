@@ -25,8 +25,17 @@ class SAM(SharpnessAwareOptimizer):
             paper's recipe is ``eta=0.01`` with biases and norm layers in a non-adaptive group.
         eps: added to the norm (> 0).
         backend: 'auto', 'reference', 'cpu', 'cuda' or 'triton' (see ``sam_kernels.ops``).
-        model: optional module; its BatchNorm running statistics are frozen during the pass at
-            the perturbed weights when ``step(closure)`` runs it.
+        model: optional module; when ``step(closure)`` runs the passes, its BatchNorm running
+            statistics are frozen during the pass at the perturbed weights, and if it is a
+            ``DistributedDataParallel`` module pass 1 runs under ``model.no_sync()`` (each rank
+            perturbs with its own gradient) while pass 2 is averaged by DDP. Hand-written
+            loops get the same by wrapping each pass in ``with optimizer.pass_context():``.
+        grad_scaler: a ``torch.amp.GradScaler``; scale the loss of both passes
+            (``scaler.scale(loss).backward()``) and call ``scaler.update()`` after each step.
+            Each pass is unscaled once; inf/NaN in either pass skips the update and leaves
+            weights and optimizer state exactly as they were.
+        max_grad_norm: clip the final gradient (the one taken at w + e) to this global L2 norm
+            before the base step, as ``torch.nn.utils.clip_grad_norm_`` would.
 
     Example::
 
@@ -46,14 +55,16 @@ class SAM(SharpnessAwareOptimizer):
     def __init__(self, params: Iterable, base_optimizer: Any, rho: float = 0.05,
                  adaptive: bool = False, eta: float = 0.0, eps: float = 1e-12,
                  backend: str = "auto", model: Optional[torch.nn.Module] = None,
-                 **base_kwargs: Any) -> None:
+                 grad_scaler: Optional[torch.amp.GradScaler] = None,
+                 max_grad_norm: Optional[float] = None, **base_kwargs: Any) -> None:
         check_nonnegative("rho", rho)
         check_nonnegative("eta", eta)
         check_positive("eps", eps)
         self.eps = float(eps)
         defaults = dict(rho=rho, adaptive=bool(adaptive), eta=eta)
         super().__init__(params, base_optimizer, defaults, backend=backend, model=model,
-                         base_kwargs=base_kwargs)
+                         base_kwargs=base_kwargs, grad_scaler=grad_scaler,
+                         max_grad_norm=max_grad_norm)
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
@@ -61,6 +72,7 @@ class SAM(SharpnessAwareOptimizer):
         self._require_unperturbed("first_step()")
         self._check_groups()
         slots = self._slots_with_grads()
+        self._unscale_grads()
         self._perturb(slots, self._weighted_sum_sq(slots), self.eps)
         if zero_grad:
             self.zero_grad()
@@ -69,8 +81,9 @@ class SAM(SharpnessAwareOptimizer):
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore w exactly and step the base optimizer with the gradient taken at w + e."""
         self._require_perturbed("second_step()")
+        self._unscale_grads()
         self._restore()
-        self.base_optimizer.step()
+        self._base_step()
         if zero_grad:
             self.zero_grad()
 

@@ -1,0 +1,174 @@
+"""End-to-end training-step time of a small CNN on this machine, each algorithm ÷ plain SGD.
+
+The data are scikit-learn's bundled 8×8 digits (no download; synthetic digits-shaped data
+when scikit-learn is missing, said in the output), one fixed stream of minibatches for every
+algorithm, the same initial weights, SGD(lr, momentum) as the base optimizer. Every optimizer
+first runs `warmup` untimed steps — VaSSORe with a gSAM criterion runs `criteria_warmup`,
+more than its 100 warm-up steps, so its skipping is in effect — then `steps` timed steps.
+Reported per algorithm: mean step time (throughput), its ratio to SGD's, and forward/backward
+passes per step counted from the closure calls (VaSSORe's inner-pass ratio is passes − 1).
+"""
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+import sam_kernels
+
+from . import baselines
+
+BASE_KWARGS = dict(lr=0.05, momentum=0.9)
+
+
+def digits_data(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, str]:
+    """(images N×1×8×8 standardised, labels N, source description)."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(1797, 1, 8, 8, generator=gen)
+        y = torch.randint(0, 10, (1797,), generator=gen)
+        return x.to(device), y.to(device), "synthetic (scikit-learn not installed)"
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1)
+    x = (x - x.mean()) / x.std()
+    return x.to(device), torch.tensor(digits.target).to(device), "scikit-learn digits"
+
+
+def small_cnn(width: int = 16) -> nn.Module:
+    """3 conv + BatchNorm layers and a linear head: 24,170 parameters in 14 tensors."""
+    w1, w2, w3 = width, 2 * width, 4 * width
+    return nn.Sequential(
+        nn.Conv2d(1, w1, 3, padding=1), nn.BatchNorm2d(w1), nn.ReLU(),
+        nn.Conv2d(w1, w2, 3, padding=1), nn.BatchNorm2d(w2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(w2, w3, 3, padding=1), nn.BatchNorm2d(w3), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(w3, 10))
+
+
+@dataclass
+class E2EAlgo:
+    label: str
+    ours_class: Optional[str]  # None: built by `build` alone
+    kwargs: Dict[str, Any]
+    build: Optional[Callable[[nn.Module], Any]] = None
+    caller_runs_first_pass: bool = False
+    long_warmup: bool = False  # gSAM criteria: always recompute for the first 100 steps
+    two_pass: bool = True  # one inner (pass 1) + one outer pass when nothing is skipped
+
+    def make(self, model: nn.Module):
+        if self.build is not None:
+            return self.build(model)
+        cls = getattr(sam_kernels, self.ours_class)
+        return cls(model.parameters(), torch.optim.SGD, model=model, **self.kwargs,
+                   **BASE_KWARGS)
+
+    def available(self) -> bool:
+        return self.ours_class is None or hasattr(sam_kernels, self.ours_class)
+
+
+def _vassore(criterion: str, mu: bool = False, **extra) -> E2EAlgo:
+    cls = "VaSSOReMu" if mu else "VaSSORe"
+    return E2EAlgo(f"{cls}({criterion})", cls, dict(rho=0.05, theta=0.9, criterion=criterion,
+                                                     **extra),
+                   long_warmup=criterion.startswith("gSAM"))
+
+
+E2E_ALGOS: List[E2EAlgo] = [
+    E2EAlgo("SGD", None, {}, build=lambda m: torch.optim.SGD(m.parameters(), **BASE_KWARGS),
+            two_pass=False),
+    E2EAlgo("SAM seed loop (davda54)", None, {},
+            build=lambda m: baselines.DavdaSAM(m.parameters(), torch.optim.SGD, rho=0.05,
+                                               **BASE_KWARGS),
+            caller_runs_first_pass=True),
+    E2EAlgo("SAM", "SAM", dict(rho=0.05)),
+    E2EAlgo("ASAM", "SAM", dict(rho=0.5, adaptive=True)),
+    E2EAlgo("GSAM", "GSAM", dict(rho=0.05, gsam_alpha=0.4)),
+    E2EAlgo("GAM", "GAM", {}, two_pass=False),
+    E2EAlgo("VaSSO", "VaSSO", dict(rho=0.05, theta=0.9)),
+    _vassore("naive", k=2),
+    _vassore("random", p=0.5, generator=None),
+    _vassore("gSAMflat"),
+    _vassore("gSAMsharp"),
+    _vassore("gSAMratio"),
+    _vassore("cosSim"),
+    _vassore("gSAMflat", mu=True),
+]
+
+
+DEFAULT_E2E = ("SAM", "VaSSORe(gSAMflat)")  # the rows with goals; SGD always runs
+
+
+def run_e2e(device: torch.device, steps: int = 50, warmup: int = 5, criteria_warmup: int = 105,
+            batch: int = 64, select: Optional[List[str]] = None, log=print) -> Dict[str, Any]:
+    """Times every algorithm of E2E_ALGOS (or those labelled in `select`; SGD always runs,
+    as the denominator)."""
+    x, y, source = digits_data(device)
+    gen = torch.Generator().manual_seed(0)
+    longest = max(warmup, criteria_warmup) + steps
+    order = [torch.randint(0, len(y), (batch,), generator=gen) for _ in range(longest)]
+    batches = [(x[i.to(device)], y[i.to(device)]) for i in order]
+    loss_fn = nn.CrossEntropyLoss()
+    rows, notes = [], []
+    wanted = {s.lower() for s in select or []}
+    sgd_mean = None
+    for algo in E2E_ALGOS:
+        if select and algo.label != "SGD" and algo.label.lower() not in wanted:
+            continue
+        if not algo.available():
+            notes.append(f"{algo.label}: sam_kernels.{algo.ours_class} not available")
+            continue
+        torch.manual_seed(0)
+        model = small_cnn().to(device)
+        try:
+            opt = algo.make(model)
+        except Exception as exc:  # an API mismatch is reported, not hidden
+            notes.append(f"{algo.label}: could not be built: {type(exc).__name__}: {exc}")
+            continue
+        log(f"  e2e {algo.label} ...")
+        passes = 0
+        times: List[float] = []
+        skip = criteria_warmup if algo.long_warmup else warmup
+        for t, (xb, yb) in enumerate(batches[:skip + steps]):
+            def closure():
+                nonlocal passes
+                if t >= skip:
+                    passes += 1
+                opt.zero_grad()
+                loss = loss_fn(model(xb), yb)
+                loss.backward()
+                return loss
+            if t == skip:  # the optimizer's own count of inner passes, where it keeps one
+                inner_before = getattr(opt, "inner_steps", None)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            if algo.label == "SGD":
+                closure()
+                opt.step()
+            elif algo.caller_runs_first_pass:
+                closure()
+                opt.step(closure)
+            else:
+                opt.step(closure)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if t >= skip:
+                times.append(time.perf_counter() - start)
+        mean = statistics.fmean(times)
+        if algo.label == "SGD":
+            sgd_mean = mean
+        rows.append({"algo": algo.label, "mean_s": mean, "median_s": statistics.median(times),
+                     "min_s": min(times), "max_s": max(times),
+                     "passes_per_step": passes / steps,
+                     "inner_pass_ratio": passes / steps - 1 if algo.two_pass else None,
+                     "inner_steps_reported": None if inner_before is None else
+                     (opt.inner_steps - inner_before) / steps,
+                     "ratio_to_sgd": mean / sgd_mean if sgd_mean else None})
+    return {"model": "small CNN (3 conv + BN, 24k params)", "data": source, "batch": batch,
+            "warmup_steps": warmup, "criteria_warmup_steps": criteria_warmup,
+            "timed_steps": steps, "base": f"SGD{BASE_KWARGS}",
+            "torch_threads": torch.get_num_threads(),
+            "rows": rows, "notes": notes}

@@ -1,0 +1,284 @@
+// CUDA kernels for every primitive: one functor per primitive on the harness of
+// multi_tensor_apply.cuh, each applying the element maths of element_math.h (shared with the CPU
+// backend, which runs the same functions on the host). Same semantics, checks and messages as
+// csrc/cpu/ops_cpu.cpp.
+#include <ATen/ATen.h>
+
+#include "../ops.h"
+#include "multi_tensor_apply.cuh"
+#include "sam_kernels/element_math.h"
+#include "sam_kernels/list_checks.h"
+
+namespace sam_kernels {
+namespace cuda {
+
+namespace {
+
+// Defaults for functors: every list is read, no device scalar to load.
+struct ReadsEveryList {
+  __device__ bool reads(int) const { return true; }
+  __device__ void load_scalars() {}
+};
+
+// A float32/float64 device tensor of scalars, read inside the kernels (never on the host).
+struct DeviceScalars {
+  const void* data;
+  bool is_double;
+  explicit DeviceScalars(const at::Tensor& t)
+      : data(t.const_data_ptr()), is_double(t.scalar_type() == at::kDouble) {}
+  __device__ double operator[](int i) const { return load_device_scalar(data, is_double, i); }
+};
+
+// sum_sq. Lists: xs[, weights]. Σ x² or Σ ((|w| + eta) x)².
+template <typename T, bool kWeighted>
+struct SumSqOp : ReadsEveryList {
+  using scalar_t = T;
+  using acc_t = at::opmath_type<T>;
+  static constexpr int kDepth = kWeighted ? 2 : 1;
+  static constexpr int kSums = 1;
+  __host__ __device__ static constexpr bool writes(int) { return false; }
+
+  acc_t eta;
+  explicit SumSqOp(double eta) : eta(static_cast<acc_t>(eta)) {}
+
+  __device__ void operator()(T (&x)[kDepth], acc_t (&sums)[kSums]) const {
+    if constexpr (kWeighted) {
+      sums[0] += weighted_square<acc_t>(x[0], x[1], eta);
+    } else {
+      const acc_t v = x[0];
+      sums[0] += v * v;
+    }
+  }
+};
+
+// dot_sum_sq. Lists: a, b. [Σ a·b, Σ a², Σ b²].
+template <typename T>
+struct DotSumSqOp : ReadsEveryList {
+  using scalar_t = T;
+  using acc_t = at::opmath_type<T>;
+  static constexpr int kDepth = 2;
+  static constexpr int kSums = 3;
+  __host__ __device__ static constexpr bool writes(int) { return false; }
+
+  __device__ void operator()(T (&x)[kDepth], acc_t (&sums)[kSums]) const {
+    const acc_t a = x[0];
+    const acc_t b = x[1];
+    sums[0] += a * b;
+    sums[1] += a * a;
+    sums[2] += b * b;
+  }
+};
+
+// perturb_. Lists: params (written), dirs[, backup (written, not read)].
+template <typename T, bool kBackup>
+struct PerturbOp {
+  using scalar_t = T;
+  using acc_t = at::opmath_type<T>;
+  static constexpr int kDepth = kBackup ? 3 : 2;
+  static constexpr int kSums = 0;
+  __host__ __device__ static constexpr bool writes(int l) { return l == 0 || l == 2; }
+  __device__ bool reads(int l) const { return l != 2; }
+
+  DeviceScalars sum_sq;
+  acc_t rho, eps, eta;
+  bool adaptive;
+  acc_t scale = 0;  // from sum_sq, set by load_scalars on the device
+
+  PerturbOp(const at::Tensor& sum_sq, double rho, double eps, bool adaptive, double eta)
+      : sum_sq(sum_sq),
+        rho(static_cast<acc_t>(rho)),
+        eps(static_cast<acc_t>(eps)),
+        eta(static_cast<acc_t>(eta)),
+        adaptive(adaptive) {}
+
+  __device__ void load_scalars() {
+    scale = perturb_scale<acc_t>(static_cast<acc_t>(sum_sq[0]), rho, eps);
+  }
+  __device__ void operator()(T (&x)[kDepth], acc_t (&)[1]) const {
+    if constexpr (kBackup) x[2] = x[0];
+    x[0] = static_cast<T>(perturbed<acc_t>(x[0], x[1], scale, adaptive, eta));
+  }
+};
+
+// restore_. Lists: params (written, not read), backup. An exact copy.
+template <typename T>
+struct RestoreOp {
+  using scalar_t = T;
+  using acc_t = at::opmath_type<T>;
+  static constexpr int kDepth = 2;
+  static constexpr int kSums = 0;
+  __host__ __device__ static constexpr bool writes(int l) { return l == 0; }
+  __device__ bool reads(int l) const { return l == 1; }
+  __device__ void load_scalars() {}
+
+  __device__ void operator()(T (&x)[kDepth], acc_t (&)[1]) const { x[0] = x[1]; }
+};
+
+// orth_combine_. Lists: d (written), m. The coefficient comes from the device tensor stats.
+template <typename T>
+struct OrthCombineOp : ReadsEveryList {
+  using scalar_t = T;
+  using acc_t = at::opmath_type<T>;
+  static constexpr int kDepth = 2;
+  static constexpr int kSums = 0;
+  __host__ __device__ static constexpr bool writes(int l) { return l == 0; }
+
+  DeviceScalars stats;
+  acc_t gamma, eps;
+  acc_t coef = 0;  // from stats, set by load_scalars on the device
+
+  OrthCombineOp(const at::Tensor& stats, double gamma, double eps)
+      : stats(stats), gamma(static_cast<acc_t>(gamma)), eps(static_cast<acc_t>(eps)) {}
+
+  __device__ void load_scalars() {
+    coef = orth_coefficient<acc_t>(static_cast<acc_t>(stats[0]), static_cast<acc_t>(stats[1]),
+                                   static_cast<acc_t>(stats[2]), eps);
+  }
+  __device__ void operator()(T (&x)[kDepth], acc_t (&)[1]) const {
+    x[0] = static_cast<T>(orth_combined<acc_t>(x[0], x[1], gamma, coef));
+  }
+};
+
+// lerp_sum_sq_. Lists: ema (written), g. Returns Σ ema² of the values as stored, so the norm
+// matches the direction used afterwards.
+template <typename T>
+struct LerpSumSqOp : ReadsEveryList {
+  using scalar_t = T;
+  using acc_t = at::opmath_type<T>;
+  static constexpr int kDepth = 2;
+  static constexpr int kSums = 1;
+  __host__ __device__ static constexpr bool writes(int l) { return l == 0; }
+
+  acc_t theta;
+  explicit LerpSumSqOp(double theta) : theta(static_cast<acc_t>(theta)) {}
+
+  __device__ void operator()(T (&x)[kDepth], acc_t (&sums)[kSums]) const {
+    x[0] = static_cast<T>(lerped<acc_t>(x[0], x[1], theta));
+    const acc_t stored = x[0];
+    sums[0] += stored * stored;
+  }
+};
+
+// axpby_. Lists: ys (written; read only when b != 0), xs.
+template <typename T>
+struct AxpbyOp {
+  using scalar_t = T;
+  using acc_t = at::opmath_type<T>;
+  static constexpr int kDepth = 2;
+  static constexpr int kSums = 0;
+  __host__ __device__ static constexpr bool writes(int l) { return l == 0; }
+  __device__ bool reads(int l) const { return l == 1 || b != acc_t(0); }
+  __device__ void load_scalars() {}
+
+  acc_t a, b;
+  AxpbyOp(double a, double b) : a(static_cast<acc_t>(a)), b(static_cast<acc_t>(b)) {}
+
+  __device__ void operator()(T (&x)[kDepth], acc_t (&)[1]) const {
+    x[0] = static_cast<T>(axpby<acc_t>(x[1], x[0], a, b));
+  }
+};
+
+}  // namespace
+
+at::Tensor sum_sq(at::TensorList xs, at::TensorList weights, double eta) {
+  const c10::Device device = call_device({xs, weights});
+  check_list("sum_sq", "xs", xs, device);
+  const bool weighted = !weights.empty();
+  if (weighted) {
+    check_list("sum_sq", "weights", weights, device);
+    check_paired_lists("sum_sq", "xs", xs, "weights", weights);
+  }
+  const c10::cuda::CUDAGuard guard(device);
+  if (weighted) {
+    return multi_tensor_reduce<1, 2>(device, {xs, weights}, [&](auto tag) {
+      return SumSqOp<tag_t<decltype(tag)>, true>(eta);
+    }, {});
+  }
+  return multi_tensor_reduce<1, 1>(device, {xs}, [&](auto tag) {
+    return SumSqOp<tag_t<decltype(tag)>, false>(eta);
+  }, {});
+}
+
+at::Tensor dot_sum_sq(at::TensorList a, at::TensorList b) {
+  const c10::Device device = call_device({a, b});
+  check_list("dot_sum_sq", "a", a, device);
+  check_list("dot_sum_sq", "b", b, device);
+  check_paired_lists("dot_sum_sq", "a", a, "b", b);
+  const c10::cuda::CUDAGuard guard(device);
+  return multi_tensor_reduce<3, 2>(device, {a, b}, [](auto tag) {
+    return DotSumSqOp<tag_t<decltype(tag)>>();
+  }, {3});
+}
+
+void perturb_(at::TensorList params, at::TensorList dirs, const at::Tensor& sum_sq, double rho,
+              double eps, bool adaptive, double eta, at::TensorList backup) {
+  const c10::Device device = call_device({params, dirs, backup}, &sum_sq);
+  check_list("perturb_", "params", params, device);
+  check_list("perturb_", "dirs", dirs, device);
+  check_paired_lists("perturb_", "params", params, "dirs", dirs);
+  const bool keep_backup = !backup.empty();
+  if (keep_backup) {
+    check_list("perturb_", "backup", backup, device);
+    check_paired_lists("perturb_", "params", params, "backup", backup);
+  }
+  check_scalar("perturb_", "sum_sq", sum_sq, 1, device);
+  const c10::cuda::CUDAGuard guard(device);
+  if (keep_backup) {
+    multi_tensor_apply<3>({params, dirs, backup}, [&](auto tag) {
+      return PerturbOp<tag_t<decltype(tag)>, true>(sum_sq, rho, eps, adaptive, eta);
+    });
+  } else {
+    multi_tensor_apply<2>({params, dirs}, [&](auto tag) {
+      return PerturbOp<tag_t<decltype(tag)>, false>(sum_sq, rho, eps, adaptive, eta);
+    });
+  }
+}
+
+void restore_(at::TensorList params, at::TensorList backup) {
+  const c10::Device device = call_device({params, backup});
+  check_list("restore_", "params", params, device);
+  check_list("restore_", "backup", backup, device);
+  check_paired_lists("restore_", "params", params, "backup", backup);
+  const c10::cuda::CUDAGuard guard(device);
+  multi_tensor_apply<2>({params, backup}, [](auto tag) {
+    return RestoreOp<tag_t<decltype(tag)>>();
+  });
+}
+
+void orth_combine_(at::TensorList d, at::TensorList m, const at::Tensor& stats, double gamma,
+                   double eps) {
+  const c10::Device device = call_device({d, m}, &stats);
+  check_list("orth_combine_", "d", d, device);
+  check_list("orth_combine_", "m", m, device);
+  check_paired_lists("orth_combine_", "d", d, "m", m);
+  check_scalar("orth_combine_", "stats", stats, 3, device);
+  const c10::cuda::CUDAGuard guard(device);
+  multi_tensor_apply<2>({d, m}, [&](auto tag) {
+    return OrthCombineOp<tag_t<decltype(tag)>>(stats, gamma, eps);
+  });
+}
+
+at::Tensor lerp_sum_sq_(at::TensorList ema, at::TensorList g, double theta) {
+  const c10::Device device = call_device({ema, g});
+  check_list("lerp_sum_sq_", "ema", ema, device);
+  check_list("lerp_sum_sq_", "g", g, device);
+  check_paired_lists("lerp_sum_sq_", "ema", ema, "g", g);
+  const c10::cuda::CUDAGuard guard(device);
+  return multi_tensor_reduce<1, 2>(device, {ema, g}, [&](auto tag) {
+    return LerpSumSqOp<tag_t<decltype(tag)>>(theta);
+  }, {});
+}
+
+void axpby_(at::TensorList ys, at::TensorList xs, double a, double b) {
+  const c10::Device device = call_device({ys, xs});
+  check_list("axpby_", "ys", ys, device);
+  check_list("axpby_", "xs", xs, device);
+  check_paired_lists("axpby_", "ys", ys, "xs", xs);
+  const c10::cuda::CUDAGuard guard(device);
+  multi_tensor_apply<2>({ys, xs}, [&](auto tag) {
+    return AxpbyOp<tag_t<decltype(tag)>>(a, b);
+  });
+}
+
+}  // namespace cuda
+}  // namespace sam_kernels

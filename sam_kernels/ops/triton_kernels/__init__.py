@@ -1,0 +1,127 @@
+"""The `triton` backend: every primitive as one Triton launch per dtype group over the whole
+tensor list (plus one finalize launch for reductions), on CUDA tensors, or on CPU tensors in the
+Triton interpreter (TRITON_INTERPRET=1 set before triton is imported).
+
+The functions have the signatures of sam_kernels.ops.reference and are registered as
+`torch.ops.sam_kernels_triton.*` custom ops with fake implementations, so torch.compile traces
+through them. Elements per program: `set_block_size(n)`, `with block_size(n): ...`, or
+$SAM_KERNELS_TRITON_BLOCK (see utils.DEFAULT_BLOCK). See docs/triton.md.
+"""
+from typing import List, Sequence
+
+import torch
+
+from .. import _checks
+from . import elementwise, reductions
+from .utils import (BLOCK_ENV_VAR, DEFAULT_BLOCK, block_size, cache_info, clear_cache,
+                    get_block_size, interpreting, set_block_size)
+
+Tensors = Sequence[torch.Tensor]
+NAMESPACE = "sam_kernels_triton"
+
+__all__ = ["sum_sq", "dot_sum_sq", "perturb_", "restore_", "orth_combine_", "lerp_sum_sq_",
+           "axpby_", "block_size", "set_block_size", "get_block_size", "BLOCK_ENV_VAR",
+           "DEFAULT_BLOCK", "cache_info", "clear_cache", "interpreting"]
+
+
+def _fake_reduction(xs: List[torch.Tensor], shape) -> torch.Tensor:
+    device = xs[0].device if xs else torch.device("cpu")
+    return torch.empty(shape, dtype=_checks.reduction_dtype(xs), device=device)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::sum_sq", mutates_args=())
+def _sum_sq(xs: List[torch.Tensor], weights: List[torch.Tensor], eta: float) -> torch.Tensor:
+    return reductions.sum_sq(xs, weights, eta)
+
+
+# Fake kernels: output metadata for torch.compile, after the same checks as the real ones (a list
+# mixing 'meta' and other tensors lands here and must raise, not return an uninitialised result).
+@_sum_sq.register_fake
+def _(xs, weights, eta):
+    _checks.check_sum_sq(xs, weights)
+    return _fake_reduction(xs, ())
+
+
+@torch.library.custom_op(f"{NAMESPACE}::dot_sum_sq", mutates_args=())
+def _dot_sum_sq(a: List[torch.Tensor], b: List[torch.Tensor]) -> torch.Tensor:
+    return reductions.dot_sum_sq(a, b)
+
+
+@_dot_sum_sq.register_fake
+def _(a, b):
+    _checks.check_dot_sum_sq(a, b)
+    return _fake_reduction(a, (3,))
+
+
+@torch.library.custom_op(f"{NAMESPACE}::lerp_sum_sq_", mutates_args=("ema",))
+def _lerp_sum_sq_(ema: List[torch.Tensor], g: List[torch.Tensor], theta: float) -> torch.Tensor:
+    return reductions.lerp_sum_sq_(ema, g, theta)
+
+
+@_lerp_sum_sq_.register_fake
+def _(ema, g, theta):
+    _checks.check_lerp_sum_sq(ema, g)
+    return _fake_reduction(ema, ())
+
+
+@torch.library.custom_op(f"{NAMESPACE}::perturb_", mutates_args=("params", "backup"))
+def _perturb_(params: List[torch.Tensor], dirs: List[torch.Tensor], sum_sq: torch.Tensor,
+              rho: float, eps: float, adaptive: bool, eta: float,
+              backup: List[torch.Tensor]) -> None:
+    elementwise.perturb_(params, dirs, sum_sq, rho, eps, adaptive, eta, backup)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::restore_", mutates_args=("params",))
+def _restore_(params: List[torch.Tensor], backup: List[torch.Tensor]) -> None:
+    elementwise.restore_(params, backup)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::orth_combine_", mutates_args=("d",))
+def _orth_combine_(d: List[torch.Tensor], m: List[torch.Tensor], stats: torch.Tensor,
+                   gamma: float, eps: float) -> None:
+    elementwise.orth_combine_(d, m, stats, gamma, eps)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::axpby_", mutates_args=("ys",))
+def _axpby_(ys: List[torch.Tensor], xs: List[torch.Tensor], a: float, b: float) -> None:
+    elementwise.axpby_(ys, xs, a, b)
+
+
+_perturb_.register_fake(
+    lambda params, dirs, sum_sq, rho, eps, adaptive, eta, backup:
+    _checks.check_perturb(params, dirs, sum_sq, backup))
+_restore_.register_fake(lambda params, backup: _checks.check_restore(params, backup))
+_orth_combine_.register_fake(
+    lambda d, m, stats, gamma, eps: _checks.check_orth_combine(d, m, stats))
+_axpby_.register_fake(lambda ys, xs, a, b: _checks.check_axpby(ys, xs))
+
+
+# The backend contract (same signatures as sam_kernels.ops.reference).
+def sum_sq(xs: Tensors, weights: Tensors, eta: float) -> torch.Tensor:
+    return _sum_sq(list(xs), list(weights), float(eta))
+
+
+def dot_sum_sq(a: Tensors, b: Tensors) -> torch.Tensor:
+    return _dot_sum_sq(list(a), list(b))
+
+
+def perturb_(params: Tensors, dirs: Tensors, sum_sq: torch.Tensor, rho: float, eps: float,
+             adaptive: bool, eta: float, backup: Tensors) -> None:
+    _perturb_(list(params), list(dirs), sum_sq, float(rho), float(eps), bool(adaptive),
+              float(eta), list(backup))
+
+
+def restore_(params: Tensors, backup: Tensors) -> None:
+    _restore_(list(params), list(backup))
+
+
+def orth_combine_(d: Tensors, m: Tensors, stats: torch.Tensor, gamma: float, eps: float) -> None:
+    _orth_combine_(list(d), list(m), stats, float(gamma), float(eps))
+
+
+def lerp_sum_sq_(ema: Tensors, g: Tensors, theta: float) -> torch.Tensor:
+    return _lerp_sum_sq_(list(ema), list(g), float(theta))
+
+
+def axpby_(ys: Tensors, xs: Tensors, a: float, b: float) -> None:
+    _axpby_(list(ys), list(xs), float(a), float(b))

@@ -1,0 +1,81 @@
+"""The element maths of csrc/include/sam_kernels/element_math.h as Triton device functions, one
+for one and in the same order, so the Triton kernels compute the formulas the C++ and CUDA
+kernels compute. Arguments are in the accumulation type (fp32, or fp64 for fp64 data).
+
+No libdevice (the interpreter has none): square roots and divisions of the scalar prologues use
+the IEEE round-to-nearest forms (`sqrt_rn`/`div_rn` for fp32; fp64 ones are always exact) like
+the C++ `sqrtf` and `/`, rather than Triton's fast fp32 defaults.
+"""
+import triton
+import triton.language as tl
+
+from .utils import device_function
+
+
+@device_function
+def sk_sqrt(x):
+    if x.dtype == tl.float32:
+        return tl.sqrt_rn(x)
+    else:
+        return tl.sqrt(x)
+
+
+@device_function
+def sk_div(x, y):
+    if x.dtype == tl.float32:
+        return tl.div_rn(x, y)
+    else:
+        return x / y
+
+
+@device_function
+def weighted_square(x, w, eta):
+    """sum_sq with weights: ((|w| + eta) * x)^2."""
+    y = (tl.abs(w) + eta) * x
+    return y * y
+
+
+@device_function
+def perturb_scale(sum_sq, rho, eps):
+    """perturb_: rho / (sqrt(sum_sq) + eps)."""
+    return sk_div(rho, sk_sqrt(sum_sq) + eps)
+
+
+@device_function
+def perturbed(p, d, scale, eta, ADAPTIVE: tl.constexpr):
+    """perturb_: p + scale * T^2 * d with T = |p| + eta when ADAPTIVE, else T = 1."""
+    if ADAPTIVE:
+        t = tl.abs(p) + eta
+        return p + scale * t * t * d
+    else:
+        return p + scale * d
+
+
+@device_function
+def orth_coefficient(dot, m_sq, d_sq, eps):
+    """orth_combine_: c = cos * |m| / (|d| + eps), cos = <m,d> / (|m| |d| + eps)."""
+    m_norm = sk_sqrt(m_sq)
+    d_norm = sk_sqrt(d_sq)
+    cos = sk_div(dot, m_norm * d_norm + eps)
+    return sk_div(cos * m_norm, d_norm + eps)
+
+
+@device_function
+def orth_combined(d, m, gamma, c):
+    """orth_combine_: d - gamma * (m - c * d)."""
+    return d - gamma * (m - c * d)
+
+
+@device_function
+def lerped(ema, g, theta):
+    """lerp_sum_sq_: (1 - theta) * ema + theta * g."""
+    return (1.0 - theta) * ema + theta * g
+
+
+@device_function
+def axpby(x, y, a, b, B_IS_ZERO: tl.constexpr):
+    """axpby_: a * x + b * y; y is not read when b == 0 (the caller passes no y then)."""
+    if B_IS_ZERO:
+        return a * x
+    else:
+        return a * x + b * y

@@ -1,0 +1,162 @@
+"""The in-place primitives: perturb_, restore_, orth_combine_ and axpby_. One launch per dtype
+group; scalars that come from earlier reductions (sum_sq, stats) are read from device memory by
+every program, so nothing waits on the host."""
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _checks
+from . import blocks, element_math, utils
+from .utils import device_function
+
+Tensors = Sequence[torch.Tensor]
+
+
+# ---------------------------------------------------------------------------- kernels
+@device_function
+def _perturb_block(p_ptr, d_ptr, b_ptr, offsets, numel, scale, eta, ADAPTIVE: tl.constexpr,
+                   HAS_BACKUP: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
+                   MASKED: tl.constexpr):
+    p = blocks.load(p_ptr, offsets, numel, MASKED)
+    if HAS_BACKUP:
+        blocks.store(b_ptr, offsets, p, numel, MASKED)
+    d = blocks.load(d_ptr, offsets, numel, MASKED).to(ACC)
+    new = element_math.perturbed(p.to(ACC), d, scale, eta, ADAPTIVE)
+    blocks.store(p_ptr, offsets, new.to(DTYPE), numel, MASKED)
+
+
+@triton.jit
+def _perturb_kernel(table, n_tensors, sum_sq_ptr, rho: tl.float64, eps: tl.float64,
+                    eta: tl.float64, ADAPTIVE: tl.constexpr, HAS_BACKUP: tl.constexpr,
+                    N_LISTS: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
+                    ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    tensor, start, numel = blocks.program_block(table, n_tensors, N_LISTS, BLOCK)
+    p_ptr = blocks.list_ptr(table, n_tensors, 0, tensor, DTYPE, ALIGNED)
+    d_ptr = blocks.list_ptr(table, n_tensors, 1, tensor, DTYPE, ALIGNED)
+    if HAS_BACKUP:
+        b_ptr = blocks.list_ptr(table, n_tensors, 2, tensor, DTYPE, ALIGNED)
+    else:
+        b_ptr = p_ptr
+    scale = element_math.perturb_scale(tl.load(sum_sq_ptr).to(ACC), blocks.scalar_arg(rho, ACC),
+                                       blocks.scalar_arg(eps, ACC))
+    offsets = start + tl.arange(0, BLOCK)
+    eta_acc = blocks.scalar_arg(eta, ACC)
+    if start + BLOCK <= numel:
+        _perturb_block(p_ptr, d_ptr, b_ptr, offsets, numel, scale, eta_acc, ADAPTIVE, HAS_BACKUP,
+                       DTYPE, ACC, False)
+    else:
+        _perturb_block(p_ptr, d_ptr, b_ptr, offsets, numel, scale, eta_acc, ADAPTIVE, HAS_BACKUP,
+                       DTYPE, ACC, True)
+
+
+@triton.jit
+def _restore_kernel(table, n_tensors, N_LISTS: tl.constexpr, DTYPE: tl.constexpr,
+                    ACC: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    tensor, start, numel = blocks.program_block(table, n_tensors, N_LISTS, BLOCK)
+    p_ptr = blocks.list_ptr(table, n_tensors, 0, tensor, DTYPE, ALIGNED)
+    b_ptr = blocks.list_ptr(table, n_tensors, 1, tensor, DTYPE, ALIGNED)
+    offsets = start + tl.arange(0, BLOCK)
+    if start + BLOCK <= numel:
+        blocks.store(p_ptr, offsets, blocks.load(b_ptr, offsets, numel, False), numel, False)
+    else:
+        blocks.store(p_ptr, offsets, blocks.load(b_ptr, offsets, numel, True), numel, True)
+
+
+@device_function
+def _orth_combine_block(d_ptr, m_ptr, offsets, numel, gamma, coef, DTYPE: tl.constexpr,
+                        ACC: tl.constexpr, MASKED: tl.constexpr):
+    d = blocks.load(d_ptr, offsets, numel, MASKED).to(ACC)
+    m = blocks.load(m_ptr, offsets, numel, MASKED).to(ACC)
+    blocks.store(d_ptr, offsets, element_math.orth_combined(d, m, gamma, coef).to(DTYPE), numel,
+                 MASKED)
+
+
+@triton.jit
+def _orth_combine_kernel(table, n_tensors, stats_ptr, stats_stride, gamma: tl.float64,
+                         eps: tl.float64,
+                         N_LISTS: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
+                         ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    tensor, start, numel = blocks.program_block(table, n_tensors, N_LISTS, BLOCK)
+    d_ptr = blocks.list_ptr(table, n_tensors, 0, tensor, DTYPE, ALIGNED)
+    m_ptr = blocks.list_ptr(table, n_tensors, 1, tensor, DTYPE, ALIGNED)
+    coef = element_math.orth_coefficient(tl.load(stats_ptr).to(ACC),
+                                         tl.load(stats_ptr + stats_stride).to(ACC),
+                                         tl.load(stats_ptr + 2 * stats_stride).to(ACC),
+                                         blocks.scalar_arg(eps, ACC))
+    offsets = start + tl.arange(0, BLOCK)
+    gamma_acc = blocks.scalar_arg(gamma, ACC)
+    if start + BLOCK <= numel:
+        _orth_combine_block(d_ptr, m_ptr, offsets, numel, gamma_acc, coef, DTYPE, ACC, False)
+    else:
+        _orth_combine_block(d_ptr, m_ptr, offsets, numel, gamma_acc, coef, DTYPE, ACC, True)
+
+
+@device_function
+def _axpby_block(y_ptr, x_ptr, offsets, numel, a, b, B_IS_ZERO: tl.constexpr,
+                 DTYPE: tl.constexpr, ACC: tl.constexpr, MASKED: tl.constexpr):
+    x = blocks.load(x_ptr, offsets, numel, MASKED).to(ACC)
+    if B_IS_ZERO:
+        y = x  # never read y (BLAS convention); the value is unused
+    else:
+        y = blocks.load(y_ptr, offsets, numel, MASKED).to(ACC)
+    blocks.store(y_ptr, offsets, element_math.axpby(x, y, a, b, B_IS_ZERO).to(DTYPE), numel,
+                 MASKED)
+
+
+@triton.jit
+def _axpby_kernel(table, n_tensors, a: tl.float64, b: tl.float64, B_IS_ZERO: tl.constexpr,
+                  N_LISTS: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
+                  ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    tensor, start, numel = blocks.program_block(table, n_tensors, N_LISTS, BLOCK)
+    y_ptr = blocks.list_ptr(table, n_tensors, 0, tensor, DTYPE, ALIGNED)
+    x_ptr = blocks.list_ptr(table, n_tensors, 1, tensor, DTYPE, ALIGNED)
+    offsets = start + tl.arange(0, BLOCK)
+    a_acc = blocks.scalar_arg(a, ACC)
+    b_acc = blocks.scalar_arg(b, ACC)
+    if start + BLOCK <= numel:
+        _axpby_block(y_ptr, x_ptr, offsets, numel, a_acc, b_acc, B_IS_ZERO, DTYPE, ACC, False)
+    else:
+        _axpby_block(y_ptr, x_ptr, offsets, numel, a_acc, b_acc, B_IS_ZERO, DTYPE, ACC, True)
+
+
+# ---------------------------------------------------------------------------- launchers
+def _apply(op: str, lists: Sequence[Tensors], kernel, *args, **constexprs) -> None:
+    """`kernel(table, n_tensors, *args)` over each dtype group of the paired `lists`."""
+    if not lists[0]:
+        return
+    device = utils.prepare(op, lists)
+    with utils.device_guard(device):
+        for group in utils.group_launches(lists):
+            group.launch(kernel, *args, **constexprs)
+
+
+def perturb_(params: Tensors, dirs: Tensors, sum_sq: torch.Tensor, rho: float, eps: float,
+             adaptive: bool, eta: float, backup: Tensors) -> None:
+    _checks.check_perturb(params, dirs, sum_sq, backup)
+    has_backup = len(backup) > 0
+    lists = [params, dirs, backup] if has_backup else [params, dirs]
+    if params:
+        utils.check_scalar_device("perturb_", "sum_sq", sum_sq, params[0].device)
+    _apply("perturb_", lists, _perturb_kernel, sum_sq, float(rho), float(eps), float(eta),
+           ADAPTIVE=bool(adaptive), HAS_BACKUP=has_backup)
+
+
+def restore_(params: Tensors, backup: Tensors) -> None:
+    _checks.check_restore(params, backup)
+    _apply("restore_", [params, backup], _restore_kernel)
+
+
+def orth_combine_(d: Tensors, m: Tensors, stats: torch.Tensor, gamma: float, eps: float) -> None:
+    _checks.check_orth_combine(d, m, stats)
+    if d:
+        utils.check_scalar_device("orth_combine_", "stats", stats, d[0].device)
+    stats = stats.reshape(3)  # a view when it can be; the kernel reads stats[k * stride]
+    _apply("orth_combine_", [d, m], _orth_combine_kernel, stats, stats.stride(0), float(gamma),
+           float(eps))
+
+
+def axpby_(ys: Tensors, xs: Tensors, a: float, b: float) -> None:
+    _checks.check_axpby(ys, xs)
+    _apply("axpby_", [ys, xs], _axpby_kernel, float(a), float(b), B_IS_ZERO=float(b) == 0.0)

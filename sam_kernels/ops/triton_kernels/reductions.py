@@ -1,0 +1,153 @@
+"""The reducing primitives: sum_sq, dot_sum_sq and lerp_sum_sq_ (which also writes).
+
+Two stages, no atomics: each program stores its block's partial sum(s) (fp64) in a buffer shared
+by every dtype group of the call, then one finalize program adds the partials up in a fixed order.
+The result is bitwise reproducible for a given block size."""
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _checks
+from . import blocks, element_math, utils
+from .utils import device_function
+
+Tensors = Sequence[torch.Tensor]
+
+
+# ---------------------------------------------------------------------------- kernels
+@triton.jit
+def _finalize_kernel(partials, n_partials, out, N_OUT: tl.constexpr, FBLOCK: tl.constexpr):
+    """out[k] = Σ_i partials[i * N_OUT + k], in index order of FBLOCK-wide lanes."""
+    for k in tl.static_range(N_OUT):
+        acc = tl.zeros([FBLOCK], dtype=tl.float64)
+        for first in range(0, n_partials, FBLOCK):
+            idx = first + tl.arange(0, FBLOCK)
+            acc += tl.load(partials + idx * N_OUT + k, mask=idx < n_partials, other=0.0)
+        tl.store(out + k, tl.sum(acc, axis=0).to(out.dtype.element_ty))
+
+
+@device_function
+def _sum_sq_block(x_ptr, w_ptr, offsets, numel, eta, WEIGHTED: tl.constexpr, ACC: tl.constexpr,
+                  MASKED: tl.constexpr):
+    x = blocks.load(x_ptr, offsets, numel, MASKED).to(ACC)
+    if WEIGHTED:
+        w = blocks.load(w_ptr, offsets, numel, MASKED).to(ACC)
+        squares = element_math.weighted_square(x, w, eta)
+    else:
+        squares = x * x
+    return tl.sum(squares, axis=0)
+
+
+@triton.jit
+def _sum_sq_kernel(table, n_tensors, partials, first_partial, eta: tl.float64,
+                   WEIGHTED: tl.constexpr, N_LISTS: tl.constexpr, DTYPE: tl.constexpr,
+                   ACC: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    tensor, start, numel = blocks.program_block(table, n_tensors, N_LISTS, BLOCK)
+    x_ptr = blocks.list_ptr(table, n_tensors, 0, tensor, DTYPE, ALIGNED)
+    if WEIGHTED:
+        w_ptr = blocks.list_ptr(table, n_tensors, 1, tensor, DTYPE, ALIGNED)
+    else:
+        w_ptr = x_ptr
+    offsets = start + tl.arange(0, BLOCK)
+    eta_acc = blocks.scalar_arg(eta, ACC)
+    if start + BLOCK <= numel:
+        part = _sum_sq_block(x_ptr, w_ptr, offsets, numel, eta_acc, WEIGHTED, ACC, False)
+    else:
+        part = _sum_sq_block(x_ptr, w_ptr, offsets, numel, eta_acc, WEIGHTED, ACC, True)
+    tl.store(partials + first_partial + tl.program_id(0), part.to(tl.float64))
+
+
+@device_function
+def _dot_sum_sq_block(a_ptr, b_ptr, offsets, numel, ACC: tl.constexpr, MASKED: tl.constexpr):
+    a = blocks.load(a_ptr, offsets, numel, MASKED).to(ACC)
+    b = blocks.load(b_ptr, offsets, numel, MASKED).to(ACC)
+    return tl.sum(a * b, axis=0), tl.sum(a * a, axis=0), tl.sum(b * b, axis=0)
+
+
+@triton.jit
+def _dot_sum_sq_kernel(table, n_tensors, partials, first_partial, N_LISTS: tl.constexpr,
+                       DTYPE: tl.constexpr, ACC: tl.constexpr, ALIGNED: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    tensor, start, numel = blocks.program_block(table, n_tensors, N_LISTS, BLOCK)
+    a_ptr = blocks.list_ptr(table, n_tensors, 0, tensor, DTYPE, ALIGNED)
+    b_ptr = blocks.list_ptr(table, n_tensors, 1, tensor, DTYPE, ALIGNED)
+    offsets = start + tl.arange(0, BLOCK)
+    if start + BLOCK <= numel:
+        ab, aa, bb = _dot_sum_sq_block(a_ptr, b_ptr, offsets, numel, ACC, False)
+    else:
+        ab, aa, bb = _dot_sum_sq_block(a_ptr, b_ptr, offsets, numel, ACC, True)
+    out = partials + 3 * (first_partial + tl.program_id(0))
+    tl.store(out, ab.to(tl.float64))
+    tl.store(out + 1, aa.to(tl.float64))
+    tl.store(out + 2, bb.to(tl.float64))
+
+
+@device_function
+def _lerp_sum_sq_block(e_ptr, g_ptr, offsets, numel, theta, DTYPE: tl.constexpr,
+                       ACC: tl.constexpr, MASKED: tl.constexpr):
+    e = blocks.load(e_ptr, offsets, numel, MASKED).to(ACC)
+    g = blocks.load(g_ptr, offsets, numel, MASKED).to(ACC)
+    stored = element_math.lerped(e, g, theta).to(DTYPE)
+    blocks.store(e_ptr, offsets, stored, numel, MASKED)
+    # The norm is of the value as stored, so it matches the direction used afterwards.
+    s = stored.to(ACC)
+    return tl.sum(s * s, axis=0)
+
+
+@triton.jit
+def _lerp_sum_sq_kernel(table, n_tensors, partials, first_partial, theta: tl.float64,
+                        N_LISTS: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
+                        ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    tensor, start, numel = blocks.program_block(table, n_tensors, N_LISTS, BLOCK)
+    e_ptr = blocks.list_ptr(table, n_tensors, 0, tensor, DTYPE, ALIGNED)
+    g_ptr = blocks.list_ptr(table, n_tensors, 1, tensor, DTYPE, ALIGNED)
+    offsets = start + tl.arange(0, BLOCK)
+    theta_acc = blocks.scalar_arg(theta, ACC)
+    if start + BLOCK <= numel:
+        part = _lerp_sum_sq_block(e_ptr, g_ptr, offsets, numel, theta_acc, DTYPE, ACC, False)
+    else:
+        part = _lerp_sum_sq_block(e_ptr, g_ptr, offsets, numel, theta_acc, DTYPE, ACC, True)
+    tl.store(partials + first_partial + tl.program_id(0), part.to(tl.float64))
+
+
+# ---------------------------------------------------------------------------- launchers
+def _reduce(op: str, lists: Sequence[Tensors], n_out: int, kernel, *args,
+            **constexprs) -> torch.Tensor:
+    """`kernel(table, n_tensors, partials, first_partial, *args)` over each dtype group of the
+    paired `lists`, then the finalize into a new tensor of `n_out` values (0-d if n_out == 1)."""
+    shape = () if n_out == 1 else (n_out,)
+    dtype = _checks.reduction_dtype(lists[0])
+    if not lists[0]:
+        return torch.zeros(shape, dtype=dtype)
+    device = utils.prepare(op, lists)
+    with utils.device_guard(device):
+        groups = utils.group_launches(lists)
+        n_partials = sum(g.table.n_programs for g in groups)
+        partials = torch.empty(max(n_partials, 1) * n_out, dtype=torch.float64, device=device)
+        first = 0
+        for group in groups:
+            group.launch(kernel, partials, first, *args, **constexprs)
+            first += group.table.n_programs
+        out = torch.empty(shape, dtype=dtype, device=device)
+        utils.launch(_finalize_kernel, 1, partials, n_partials, out, N_OUT=n_out,
+                     FBLOCK=utils.FINALIZE_BLOCK, num_warps=4)
+    return out
+
+
+def sum_sq(xs: Tensors, weights: Tensors, eta: float) -> torch.Tensor:
+    _checks.check_sum_sq(xs, weights)
+    weighted = len(weights) > 0
+    lists = [xs, weights] if weighted else [xs]
+    return _reduce("sum_sq", lists, 1, _sum_sq_kernel, float(eta), WEIGHTED=weighted)
+
+
+def dot_sum_sq(a: Tensors, b: Tensors) -> torch.Tensor:
+    _checks.check_dot_sum_sq(a, b)
+    return _reduce("dot_sum_sq", [a, b], 3, _dot_sum_sq_kernel)
+
+
+def lerp_sum_sq_(ema: Tensors, g: Tensors, theta: float) -> torch.Tensor:
+    _checks.check_lerp_sum_sq(ema, g)
+    return _reduce("lerp_sum_sq_", [ema, g], 1, _lerp_sum_sq_kernel, float(theta))

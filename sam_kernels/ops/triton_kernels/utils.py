@@ -1,0 +1,289 @@
+"""What every Triton op shares: the block-size setting, launch heuristics, grouping a call's
+tensors by dtype, and the cached device tables of pointers / sizes / program map that let one
+launch cover a whole tensor list.
+
+Table layout (one int64 device tensor per dtype group, `n` tensors, `k` lists, `P` programs)::
+
+    [ptr(list 0, tensor 0..n-1) | ... | ptr(list k-1, ...) | numel(0..n-1) | (tensor, block) * P]
+
+Program `pid` handles elements [block * BLOCK, (block + 1) * BLOCK) of tensor `tensor`, counted
+in memory order (tensors are dense, paired lists share a layout, so that is the same element of
+every list).
+"""
+import collections
+import contextlib
+import os
+import threading
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _registry
+
+Tensors = Sequence[torch.Tensor]
+
+BLOCK_ENV_VAR = "SAM_KERNELS_TRITON_BLOCK"
+#: Elements per program. 4096 fp32 = 16 KiB per input per program: with 8 warps that is 16
+#: elements (four 16-byte vector loads) per thread, the usual shape of bandwidth-bound Triton
+#: kernels. Not tuned on a GPU here: `python -m sam_kernels.check` times other sizes.
+DEFAULT_BLOCK = 4096
+MIN_BLOCK, MAX_BLOCK = 16, 1 << 16
+#: Elements of the partials buffer each finalize iteration reads.
+FINALIZE_BLOCK = 1024
+#: Contract a*b+c into FMAs, as nvcc does for the CUDA backend (Triton 3.9's default, set
+#: explicitly so a change of Triton's default does not change results).
+FP_FUSION = True
+#: Device tables kept (each a few KiB); an optimizer uses a handful per step.
+TABLE_CACHE_SIZE = 256
+
+TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64,
+             torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+# ---------------------------------------------------------------------------- block size
+def _check_block(value, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < MIN_BLOCK or \
+            value > MAX_BLOCK or value & (value - 1):
+        raise ValueError(f"Invalid block_size value: {value!r} (from {source}); it must be a "
+                         f"power of two between {MIN_BLOCK} and {MAX_BLOCK}")
+    return value
+
+
+def _block_from_env() -> Optional[int]:
+    raw = os.environ.get(BLOCK_ENV_VAR, "")
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"Invalid block_size value: {raw!r} (from {BLOCK_ENV_VAR}); it must be "
+                         f"a power of two between {MIN_BLOCK} and {MAX_BLOCK}") from None
+    return _check_block(value, BLOCK_ENV_VAR)
+
+
+_block_setting: Optional[int] = None
+
+
+def get_block_size() -> int:
+    """Elements per program: set_block_size() > $SAM_KERNELS_TRITON_BLOCK > DEFAULT_BLOCK."""
+    if _block_setting is not None:
+        return _block_setting
+    env = _block_from_env()
+    return env if env is not None else DEFAULT_BLOCK
+
+
+def set_block_size(value: Optional[int]) -> None:
+    """Set the elements per program for every later launch (None: back to env/default)."""
+    global _block_setting
+    _block_setting = None if value is None else _check_block(value, "set_block_size")
+
+
+@contextlib.contextmanager
+def block_size(value: int) -> Iterator[None]:
+    """`with block_size(64): ...` runs the enclosed calls with 64 elements per program."""
+    global _block_setting
+    previous = _block_setting
+    set_block_size(value)
+    try:
+        yield
+    finally:
+        _block_setting = previous
+
+
+def num_warps(block: int) -> int:
+    """Warps per program: 8-16 elements per thread, 1 to 16 warps."""
+    return max(1, min(16, block // 512))
+
+
+# ---------------------------------------------------------------------------- devices
+# triton.jit decides at decoration (when this package is imported) whether a kernel runs in the
+# interpreter, so setting TRITON_INTERPRET later changes nothing for these kernels.
+_INTERPRETED = bool(triton.knobs.runtime.interpret)
+
+
+def interpreting() -> bool:
+    """Whether this package's kernels run in the Triton interpreter (on CPU tensors)."""
+    return _INTERPRETED
+
+
+class _InterpretedHelper:
+    """A device function in the interpreter, called without re-patching triton.language."""
+
+    def __init__(self, jitted) -> None:
+        self.jitted = jitted
+        self.fn = jitted.fn
+        self._rewritten = None
+
+    def __call__(self, *args, **kwargs):
+        if self._rewritten is None:
+            self._rewritten = self.jitted.rewrite()
+        return self._rewritten(*args, **kwargs)
+
+
+def device_function(fn):
+    """`triton.jit` for the helpers kernels call. Interpreted, every call of a jit helper
+    re-patches the whole triton.language module (~1 ms, most of a program's time here) although
+    the launching kernel has patched it already; so call the interpreter's rewritten function
+    directly. Compiled kernels get the plain JITFunction."""
+    jitted = triton.jit(fn)
+    if _INTERPRETED and hasattr(jitted, "rewrite"):
+        return _InterpretedHelper(jitted)
+    return jitted
+
+
+def check_device(op: str, device: torch.device) -> None:
+    """Raise a clear error when these kernels cannot run on `device`."""
+    if device.type == "cuda":
+        if interpreting():
+            raise RuntimeError(f"{op}: the Triton kernels were loaded in interpreter mode "
+                               "(TRITON_INTERPRET=1), which runs on CPU tensors only; unset "
+                               "TRITON_INTERPRET to run them on CUDA tensors")
+        return
+    if device.type == "cpu":
+        if not interpreting():
+            reason = _registry.unavailable_reason("triton", "cpu") or \
+                "TRITON_INTERPRET=1 was set after triton was imported"
+            raise RuntimeError(f"{op}: cannot run the Triton kernels on CPU tensors: {reason}")
+        return
+    raise RuntimeError(f"{op}: Triton kernels do not run on {device.type} tensors")
+
+
+def device_guard(device: torch.device):
+    """Triton launches on the current CUDA device; make it the tensors' device."""
+    if device.type == "cuda" and device.index is not None and \
+            device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def prepare(op: str, lists: Sequence[Tensors]) -> torch.device:
+    """The device of a call's (non-empty) paired lists, after checking the kernels can run there
+    and, on CUDA, that every tensor is on that very device (_checks compares device types)."""
+    device = lists[0][0].device
+    check_device(op, device)
+    if device.type == "cuda":
+        for k, xs in enumerate(lists):
+            for i, t in enumerate(xs):
+                if t.device != device:
+                    raise ValueError(f"{op}: tensor {i} of argument list {k} is on {t.device} but "
+                                     f"the first tensor is on {device}; keep every tensor of a "
+                                     "call on one device")
+    return device
+
+
+def check_scalar_device(op: str, name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device} but the tensors are on {device}")
+
+
+# ---------------------------------------------------------------------------- tables
+@dataclass(frozen=True)
+class TensorTable:
+    """Device table of one dtype group; see the module docstring for the layout."""
+    table: torch.Tensor
+    n_tensors: int
+    n_programs: int
+    aligned: bool  # every data pointer is 16-byte aligned (lets the compiler vectorise)
+
+
+_tables: "collections.OrderedDict[tuple, TensorTable]" = collections.OrderedDict()
+_tables_lock = threading.Lock()
+_stats = {"hits": 0, "misses": 0}
+
+
+def cache_info() -> Dict[str, int]:
+    """Table-cache counters: hits, misses (builds) and current size."""
+    return {**_stats, "size": len(_tables)}
+
+
+def clear_cache() -> None:
+    with _tables_lock:
+        _tables.clear()
+        _stats["hits"] = _stats["misses"] = 0
+
+
+def tensor_table(lists: Sequence[Tensors], block: int) -> TensorTable:
+    """The device table for paired `lists` (same length, same numels) at `block` elements per
+    program, built once and then found again while the storages stay where they are.
+
+    The key is everything the table is made of (addresses, sizes, block, device), so a hit is
+    always correct, even for a new tensor that reuses a freed address."""
+    first = lists[0]
+    key = (first[0].device, block, tuple(t.numel() for t in first),
+           tuple(t.data_ptr() for xs in lists for t in xs))
+    with _tables_lock:
+        found = _tables.get(key)
+        if found is not None:
+            _tables.move_to_end(key)
+            _stats["hits"] += 1
+            return found
+    built = _build_table(lists, block, key[2], key[3])
+    with _tables_lock:
+        _stats["misses"] += 1
+        _tables[key] = built
+        while len(_tables) > TABLE_CACHE_SIZE:
+            _tables.popitem(last=False)
+    return built
+
+
+def _build_table(lists: Sequence[Tensors], block: int, numel_list: Tuple[int, ...],
+                 ptr_list: Tuple[int, ...]) -> TensorTable:
+    n = len(numel_list)
+    numels = torch.tensor(numel_list, dtype=torch.int64)
+    blocks = (numels + block - 1) // block
+    tensor_of = torch.repeat_interleave(torch.arange(n, dtype=torch.int64), blocks)
+    first_program = torch.cumsum(blocks, 0) - blocks
+    block_of = torch.arange(tensor_of.numel(), dtype=torch.int64) - first_program[tensor_of]
+    program_map = torch.stack([tensor_of, block_of], 1).reshape(-1)
+    host = torch.cat([torch.tensor(ptr_list, dtype=torch.int64), numels, program_map])
+    # Empty tensors get no program, so their (possibly null) addresses never count.
+    used = [p for p, size in zip(ptr_list, numel_list * len(lists)) if size > 0]
+    aligned = all(p % 16 == 0 for p in used)
+    return TensorTable(host.to(lists[0][0].device), n, int(tensor_of.numel()), aligned)
+
+
+def dtype_groups(xs: Tensors) -> Dict[torch.dtype, List[int]]:
+    """Indices of `xs` by dtype, in first-seen order (each group is one launch)."""
+    groups: Dict[torch.dtype, List[int]] = {}
+    for i, t in enumerate(xs):
+        groups.setdefault(t.dtype, []).append(i)
+    return groups
+
+
+@dataclass
+class GroupLaunch:
+    """One dtype group of a call, ready to launch over grid (table.n_programs,)."""
+    dtype: torch.dtype
+    table: TensorTable
+    n_lists: int
+    block: int
+
+    def launch(self, kernel, *args, **constexprs) -> None:
+        """kernel[grid](table, n_tensors, *args, <shared meta-parameters>, **constexprs); every
+        kernel takes the shared ones: N_LISTS, DTYPE, ACC, ALIGNED, BLOCK."""
+        acc = tl.float64 if self.dtype == torch.float64 else tl.float32
+        launch(kernel, self.table.n_programs, self.table.table, self.table.n_tensors, *args,
+               N_LISTS=self.n_lists, DTYPE=TL_DTYPES[self.dtype], ACC=acc,
+               ALIGNED=self.table.aligned, BLOCK=self.block, num_warps=num_warps(self.block),
+               enable_fp_fusion=FP_FUSION, **constexprs)
+
+
+def group_launches(lists: Sequence[Tensors]) -> List[GroupLaunch]:
+    """Per dtype group of the paired `lists` (grouped by the first list's dtypes), the table to
+    launch over; groups with no element are left out."""
+    block = get_block_size()
+    launches = []
+    for dtype, idx in dtype_groups(lists[0]).items():
+        group = [[xs[i] for i in idx] for xs in lists] if len(idx) < len(lists[0]) else lists
+        table = tensor_table(group, block)
+        if table.n_programs:
+            launches.append(GroupLaunch(dtype, table, len(lists), block))
+    return launches
+
+
+def launch(kernel, grid: int, *args, **kwargs) -> None:
+    """Every kernel launch of the package goes through here (one place to count them)."""
+    kernel[(grid,)](*args, **kwargs)
