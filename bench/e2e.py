@@ -101,74 +101,101 @@ E2E_ALGOS: List[E2EAlgo] = [
 DEFAULT_E2E = ("SAM", "VaSSORe(gSAMflat)")  # the rows with goals; SGD always runs
 
 
+class _Trainer:
+    """One algorithm training its own copy of the CNN on the shared minibatch stream."""
+
+    def __init__(self, algo: E2EAlgo, device: torch.device, batches) -> None:
+        torch.manual_seed(0)
+        self.algo, self.device, self.batches = algo, device, batches
+        self.model = small_cnn().to(device)
+        self.opt = algo.make(self.model)
+        self.t = 0  # index of the next minibatch
+        self.counting = False
+        self.passes = 0
+        self.times: List[float] = []
+        self.inner_before = None
+
+    def run(self, n: int, timed: bool) -> None:
+        if timed and not self.counting:
+            self.counting = True
+            self.inner_before = getattr(self.opt, "inner_steps", None)
+        for _ in range(n):
+            xb, yb = self.batches[self.t]
+            self.t += 1
+
+            def closure():
+                self.passes += timed
+                self.opt.zero_grad()
+                loss = nn.functional.cross_entropy(self.model(xb), yb)
+                loss.backward()
+                return loss
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            if self.algo.label == "SGD":
+                closure()
+                self.opt.step()
+            elif self.algo.caller_runs_first_pass:
+                closure()
+                self.opt.step(closure)
+            else:
+                self.opt.step(closure)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            if timed:
+                self.times.append(time.perf_counter() - start)
+
+
 def run_e2e(device: torch.device, steps: int = 50, warmup: int = 5, criteria_warmup: int = 105,
-            batch: int = 64, select: Optional[List[str]] = None, log=print) -> Dict[str, Any]:
+            batch: int = 64, select: Optional[List[str]] = None, chunk: int = 5,
+            log=print) -> Dict[str, Any]:
     """Times every algorithm of E2E_ALGOS (or those labelled in `select`; SGD always runs,
-    as the denominator)."""
+    as the denominator). After each one's warm-up, the timed steps run in interleaved rounds
+    of `chunk` steps per algorithm, so load changes on a shared machine hit all alike."""
     x, y, source = digits_data(device)
     gen = torch.Generator().manual_seed(0)
     longest = max(warmup, criteria_warmup) + steps
     order = [torch.randint(0, len(y), (batch,), generator=gen) for _ in range(longest)]
     batches = [(x[i.to(device)], y[i.to(device)]) for i in order]
-    loss_fn = nn.CrossEntropyLoss()
-    rows, notes = [], []
     wanted = {s.lower() for s in select or []}
-    sgd_mean = None
+    trainers: List[_Trainer] = []
+    notes: List[str] = []
     for algo in E2E_ALGOS:
         if select and algo.label != "SGD" and algo.label.lower() not in wanted:
             continue
         if not algo.available():
             notes.append(f"{algo.label}: sam_kernels.{algo.ours_class} not available")
             continue
-        torch.manual_seed(0)
-        model = small_cnn().to(device)
         try:
-            opt = algo.make(model)
+            trainer = _Trainer(algo, device, batches)
         except Exception as exc:  # an API mismatch is reported, not hidden
             notes.append(f"{algo.label}: could not be built: {type(exc).__name__}: {exc}")
             continue
-        log(f"  e2e {algo.label} ...")
-        passes = 0
-        times: List[float] = []
-        skip = criteria_warmup if algo.long_warmup else warmup
-        for t, (xb, yb) in enumerate(batches[:skip + steps]):
-            def closure():
-                nonlocal passes
-                if t >= skip:
-                    passes += 1
-                opt.zero_grad()
-                loss = loss_fn(model(xb), yb)
-                loss.backward()
-                return loss
-            if t == skip:  # the optimizer's own count of inner passes, where it keeps one
-                inner_before = getattr(opt, "inner_steps", None)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            if algo.label == "SGD":
-                closure()
-                opt.step()
-            elif algo.caller_runs_first_pass:
-                closure()
-                opt.step(closure)
-            else:
-                opt.step(closure)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if t >= skip:
-                times.append(time.perf_counter() - start)
-        mean = statistics.fmean(times)
-        if algo.label == "SGD":
+        log(f"  e2e {algo.label}: warm-up")
+        trainer.run(criteria_warmup if algo.long_warmup else warmup, timed=False)
+        trainers.append(trainer)
+    done = 0
+    while done < steps:
+        n = min(chunk, steps - done)
+        for trainer in trainers:
+            trainer.run(n, timed=True)
+        done += n
+    rows = []
+    sgd_mean = None
+    for tr in trainers:
+        mean = statistics.fmean(tr.times)
+        if tr.algo.label == "SGD":
             sgd_mean = mean
-        rows.append({"algo": algo.label, "mean_s": mean, "median_s": statistics.median(times),
-                     "min_s": min(times), "max_s": max(times),
-                     "passes_per_step": passes / steps,
-                     "inner_pass_ratio": passes / steps - 1 if algo.two_pass else None,
-                     "inner_steps_reported": None if inner_before is None else
-                     (opt.inner_steps - inner_before) / steps,
-                     "ratio_to_sgd": mean / sgd_mean if sgd_mean else None})
+        rows.append({"algo": tr.algo.label, "mean_s": mean,
+                     "median_s": statistics.median(tr.times),
+                     "min_s": min(tr.times), "max_s": max(tr.times),
+                     "passes_per_step": tr.passes / steps,
+                     "inner_pass_ratio": tr.passes / steps - 1 if tr.algo.two_pass else None,
+                     "inner_steps_reported": None if tr.inner_before is None else
+                     (tr.opt.inner_steps - tr.inner_before) / steps})
+    for row in rows:
+        row["ratio_to_sgd"] = row["mean_s"] / sgd_mean if sgd_mean else None
     return {"model": "small CNN (3 conv + BN, 24k params)", "data": source, "batch": batch,
             "warmup_steps": warmup, "criteria_warmup_steps": criteria_warmup,
-            "timed_steps": steps, "base": f"SGD{BASE_KWARGS}",
-            "torch_threads": torch.get_num_threads(),
-            "rows": rows, "notes": notes}
+            "timed_steps": steps, "interleave_chunk": chunk, "base": f"SGD{BASE_KWARGS}",
+            "torch_threads": torch.get_num_threads(), "rows": rows, "notes": notes}

@@ -120,7 +120,9 @@ def make_params(shapes: Sequence[Shape], device: torch.device, dtype: torch.dtyp
 
 
 class GradSource:
-    """Pre-made gradient sets; each call of `assign` points every `p.grad` at the next set."""
+    """Pre-made gradient sets; each call of `assign` points every `p.grad` at the next set.
+    `closure_for(other_params)` gives the same for another list of parameters of the same
+    shapes (several implementations share one source)."""
 
     def __init__(self, params: Sequence[torch.Tensor], sets: int = 2, seed: int = 1) -> None:
         gen = torch.Generator().manual_seed(seed)
@@ -128,15 +130,21 @@ class GradSource:
         self.sets = [[torch.randn(p.shape, generator=gen, dtype=torch.float32)
                       .to(device=p.device, dtype=p.dtype) for p in self.params]
                      for _ in range(sets)]
-        self.calls = 0
         self.loss = torch.zeros((), device=self.params[0].device)
+        self.assign = self.closure_for(self.params)
 
-    def assign(self) -> torch.Tensor:
-        grads = self.sets[self.calls % len(self.sets)]
-        self.calls += 1
-        for p, g in zip(self.params, grads):
-            p.grad = g
-        return self.loss
+    def closure_for(self, params: Sequence[torch.Tensor]) -> Callable[[], torch.Tensor]:
+        params = list(params)
+        calls = 0
+
+        def assign() -> torch.Tensor:
+            nonlocal calls
+            grads = self.sets[calls % len(self.sets)]
+            calls += 1
+            for p, g in zip(params, grads):
+                p.grad = g
+            return self.loss
+        return assign
 
 
 @dataclass
@@ -191,21 +199,22 @@ def count_dispatch(step: Callable[[], Any], probe: Probe) -> DispatchCounter:
     return counter
 
 
-def copy_seconds(numel: int, dtype: torch.dtype, device: torch.device, reps: int,
-                 warmup: int = 2) -> float:
-    """Median time of one `dst.copy_(src)` of `numel` elements: the byte floor's yardstick
-    (it moves 2 · numel · itemsize bytes)."""
-    src = torch.randn(numel, device=device).to(dtype)
-    dst = torch.empty_like(src)
-    probe = Probe(torch.device(device))
-    times = []
-    for i in range(warmup + reps):
-        probe.start()
-        dst.copy_(src)
-        seg = probe.stop()
-        if i >= warmup:
-            times.append(seg["total"])
-    return statistics.median(times)
+class CopyTimer:
+    """One `dst.copy_(src)` of `numel` elements — it moves 2 · numel · itemsize bytes: the
+    byte floor's yardstick, timed in the same rounds as the optimizers."""
+
+    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device,
+                 warmup: int = 2) -> None:
+        self.src = torch.randn(numel, device=device).to(dtype)
+        self.dst = torch.empty_like(self.src)
+        self.probe = Probe(torch.device(device))
+        for _ in range(warmup):
+            self.time_once()
+
+    def time_once(self) -> float:
+        self.probe.start()
+        self.dst.copy_(self.src)
+        return self.probe.stop()["total"]
 
 
 def summary(values: Sequence[float]) -> Dict[str, float]:
@@ -254,8 +263,10 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
 
 
 def machine_slug(device: torch.device) -> str:
-    """`cpu-2core` or e.g. `cuda-nvidia-h100-80gb-hbm3`: the <machine> of results file names."""
+    """`cpu-2core` (`cpu-2core-1thread` under --threads 1) or e.g. `cuda-nvidia-h100-80gb-hbm3`:
+    the <machine> of results file names."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device).lower()
         return "cuda-" + "".join(c if c.isalnum() else "-" for c in name).strip("-")
-    return f"cpu-{os.cpu_count()}core"
+    threads = torch.get_num_threads()
+    return f"cpu-{os.cpu_count()}core" + ("" if threads == os.cpu_count() else f"-{threads}thread")

@@ -2,7 +2,10 @@
 every implementation computes the same thing (so the timings compare like with like)."""
 import gc
 import math
-from typing import Any, Dict, List, Optional, Sequence
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -71,91 +74,123 @@ def verify(algo: Algo, impls: List[Impl], device: torch.device, steps: int = 4
 
 # --- timing ------------------------------------------------------------------------------
 class _ResettableGrads(harness.GradSource):
-    """GradSource whose sets can be re-pointed at new parameters and reset to pristine values
-    (some implementations modify gradients in place)."""
+    """GradSource that can be reset to pristine values between rounds (some implementations
+    modify gradients in place; without a reset the values would drift over many steps)."""
 
     def __init__(self, params, sets: int = 2, seed: int = 1) -> None:
         super().__init__(params, sets, seed)
         self.pristine = [[g.clone() for g in s] for s in self.sets]
 
-    def rebind(self, params) -> None:
-        self.params = list(params)
+    def reset(self) -> None:
         for s, clean in zip(self.sets, self.pristine):
             torch._foreach_copy_(s, clean)
-        self.calls = 0
 
 
-def measure_impl(impl: Impl, shapes, grads: _ResettableGrads, device: torch.device,
-                 dtype: torch.dtype, base: BaseSpec, reps: int, warmup: int, budget_s: float,
-                 count: bool = True) -> Dict[str, Any]:
+@dataclass
+class _Runner:
+    """One implementation, built on its own parameters, ready to step."""
+    impl: Impl
+    params: List[torch.nn.Parameter]
+    probe: harness.Probe
+    step: Callable[[], Any]
+    times: harness.StepTimes = field(default_factory=harness.StepTimes)
+
+
+def _build_runner(impl: Impl, shapes, grads: _ResettableGrads, device: torch.device,
+                  dtype: torch.dtype, base: BaseSpec) -> _Runner:
     params = harness.make_params(shapes, device, dtype, seed=0)
-    grads.rebind(params)
     opt = impl.build(params, base)
     probe = harness.Probe(device)
     opt.base_optimizer.step = probe.wrap("base", opt.base_optimizer.step)
-    closure = probe.wrap("closure", grads.assign)
+    closure = probe.wrap("closure", grads.closure_for(params))
+    return _Runner(impl, params, probe, lambda: impl.run(opt, closure))
 
-    def step():
-        impl.run(opt, closure)
 
-    # one timed step decides how many reps fit the budget
-    first = harness.time_steps(step, probe, reps=1, warmup=warmup)
-    reps = max(3, min(reps, int(budget_s / max(first.whole[0], 1e-9))))
-    times = harness.time_steps(step, probe, reps=reps, warmup=0)
-    row: Dict[str, Any] = {"impl": impl.label, "kind": impl.kind, "backend": impl.backend,
-                           "reps": reps, "extra_s": harness.summary(times.extra),
-                           "whole_s": harness.summary(times.whole),
-                           "base_s": harness.summary(times.base)}
-    if count:
-        counter = harness.count_dispatch(step, probe)
-        row["ops_per_step"] = counter.kernels
-        row["host_reads_per_step"] = counter.host_reads
-    row["finite"] = bool(all(torch.isfinite(p).all() for p in params))
-    return row
+def measure_algo(algo: Algo, impls: List[Impl], shapes, grads: _ResettableGrads,
+                 device: torch.device, dtype: torch.dtype, reps: int, warmup: int,
+                 budget_s: float, log=print) -> Tuple[List[Dict[str, Any]], List[str], float]:
+    """Times every implementation of `algo` in interleaved rounds — each round runs one step
+    of each implementation (in a rotating order) and one same-sized `copy_` — so load changes
+    on a shared machine hit all of them alike. Returns the rows, failure notes, and the median
+    copy time of these rounds (the byte floor's yardstick)."""
+    base = BaseSpec()
+    runners: List[_Runner] = []
+    notes: List[str] = []
+    slowest = 0.0
+    for impl in impls:
+        log(f"    {algo.name:6s} {impl.label}: build + warm-up")
+        try:
+            runner = _build_runner(impl, shapes, grads, device, dtype, base)
+            sizing = harness.time_steps(runner.step, runner.probe, reps=1, warmup=warmup)
+        except Exception as exc:  # reported in the notes, the other rows still run
+            notes.append(f"{impl.label} failed: {type(exc).__name__}: {exc}")
+            log(f"      failed: {type(exc).__name__}: {exc}")
+            continue
+        slowest = max(slowest, sizing.whole[0])
+        runners.append(runner)
+    reps = max(3, min(reps, int(budget_s / max(slowest, 1e-9))))
+    numel = suites.total_params(shapes)
+    copy = harness.CopyTimer(numel, dtype, device)
+    copy_times = []
+    for r in range(reps):
+        grads.reset()
+        k = r % len(runners) if runners else 0  # rotate who goes first
+        for runner in runners[k:] + runners[:k]:
+            t = harness.time_steps(runner.step, runner.probe, reps=1, warmup=0)
+            for key in ("extra", "whole", "base"):
+                getattr(runner.times, key).extend(getattr(t, key))
+        copy_times.append(copy.time_once())
+    rows = []
+    for runner in runners:
+        counter = harness.count_dispatch(runner.step, runner.probe)
+        t = runner.times
+        rows.append({"impl": runner.impl.label, "kind": runner.impl.kind,
+                     "backend": runner.impl.backend, "reps": reps,
+                     "extra_s": harness.summary(t.extra), "whole_s": harness.summary(t.whole),
+                     "base_s": harness.summary(t.base), "ops_per_step": counter.kernels,
+                     "host_reads_per_step": counter.host_reads,
+                     "finite": bool(all(torch.isfinite(p).all() for p in runner.params))})
+    del runners
+    gc.collect()
+    return rows, notes, statistics.median(copy_times)
 
 
 def measure_suite(name: str, algos: Sequence[Algo], device: torch.device, dtype: torch.dtype,
                   reps: int, warmup: int, budget_s: float, shapes=None,
                   log=print) -> Dict[str, Any]:
+    started = time.perf_counter()
     shapes = shapes if shapes is not None else suites.SUITES[name]()
     numel = suites.total_params(shapes)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    load_before = harness.load_average()
-    copy_s = harness.copy_seconds(numel, dtype, device, reps=max(reps, 10))
-    bandwidth = 2 * numel * itemsize / copy_s
-    base = BaseSpec()
     grads = _ResettableGrads(harness.make_params(shapes, device, dtype, seed=0))
     out: Dict[str, Any] = {"suite": name, "tensors": len(shapes), "params": numel,
-                           "dtype": str(dtype).replace("torch.", ""), "copy_s": copy_s,
-                           "copy_bandwidth_GBps": bandwidth / 1e9, "load_before": load_before,
-                           "rows": [], "notes": {}}
+                           "dtype": str(dtype).replace("torch.", ""),
+                           "load_before": harness.load_average(), "rows": [], "notes": {},
+                           "copy_s": {}}
+    log(f"  suite {name}")
     for algo in algos:
         impls, notes = implementations(algo, device)
-        if notes:
-            out["notes"][algo.name] = notes
+        rows, failures, copy_s = measure_algo(algo, impls, shapes, grads, device, dtype, reps,
+                                              warmup, budget_s, log)
+        if notes or failures:
+            out["notes"][algo.name] = notes + failures
+        out["copy_s"][algo.name] = copy_s
+        bandwidth = 2 * numel * itemsize / copy_s
         bytes_moved = algo.traffic_units * numel * itemsize
         floor_s = bytes_moved / bandwidth
-        seed_row: Optional[Dict[str, Any]] = None
-        for impl in impls:
-            log(f"  {name:10s} {algo.name:6s} {impl.label} ...")
-            try:
-                row = measure_impl(impl, shapes, grads, device, dtype, base, reps, warmup,
-                                   budget_s)
-                gc.collect()  # free this implementation's state before the next one
-            except Exception as exc:
-                out["notes"].setdefault(algo.name, []).append(
-                    f"{impl.label} failed: {type(exc).__name__}: {exc}")
-                log(f"    failed: {type(exc).__name__}: {exc}")
-                continue
+        seed_row = next((r for r in rows if r["kind"] == "seed"), None)
+        for row in rows:
             row.update(algo=algo.name, bytes=bytes_moved, floor_s=floor_s,
+                       copy_bandwidth_GBps=bandwidth / 1e9,
                        floor_ratio=row["extra_s"]["median"] / floor_s)
-            if impl.kind == "seed":
-                seed_row = row
             if seed_row is not None:
                 row["speedup_extra"] = seed_row["extra_s"]["median"] / row["extra_s"]["median"]
                 row["speedup_whole"] = seed_row["whole_s"]["median"] / row["whole_s"]["median"]
             out["rows"].append(row)
     del grads
     gc.collect()
+    out["copy_bandwidth_GBps"] = statistics.median(
+        2 * numel * itemsize / c / 1e9 for c in out["copy_s"].values()) if out["copy_s"] else 0
     out["load_after"] = harness.load_average()
+    out["seconds"] = round(time.perf_counter() - started, 1)
     return out

@@ -25,7 +25,7 @@ def _x(x: Optional[float]) -> str:
 def suite_table(suite: Dict[str, Any]) -> str:
     head = (f"suite {suite['suite']}: {suite['tensors']} tensors, {suite['params']:,} params "
             f"({suite['dtype']}); copy_ {suite['copy_bandwidth_GBps']:.2f} GB/s; "
-            f"load {suite['load_before']} -> {suite['load_after']}")
+            f"load {suite['load_before']} -> {suite['load_after']}; {suite['seconds']} s")
     cols = ["algo", "implementation", "extra ms (min-max)", "whole ms", "x seed extra",
             "x seed whole", "MB moved", "floor ms", "x floor", "ops/step", "host reads"]
     lines: List[List[str]] = []

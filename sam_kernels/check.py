@@ -340,9 +340,9 @@ def _print_results(results: List[Result], device: str, out) -> None:
     for r in results:
         rows.setdefault((r.backend, r.check), {})[r.variant] = r
     for (backend, check), by_variant in rows.items():
-        cells = "".join(f"{('PASS' if by_variant[v].passed else 'FAIL') if v in by_variant else '-':>7}"
-                        for v in variants)
-        out(f"{backend:<9}{device:<8}{check:<20}{cells}")
+        cells = [("PASS" if by_variant[v].passed else "FAIL") if v in by_variant else "-"
+                 for v in variants]
+        out(f"{backend:<9}{device:<8}{check:<20}" + "".join(f"{c:>7}" for c in cells))
     failures = [r for r in results if not r.passed]
     for r in failures:
         out(f"FAIL {r.backend} {r.check} [{r.variant}]: {r.detail}")

@@ -35,7 +35,10 @@ def backend_device(request):
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
+    """Fresh seed per test; one intra-op thread (tiny tensors: a second thread only adds
+    OpenMP wake-ups, and on a loaded machine spin-waits). Tests about threading set their own."""
     torch.manual_seed(1234)
     threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)

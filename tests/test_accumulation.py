@@ -6,7 +6,6 @@ import torch
 
 from training_helpers import (ALGORITHMS, MLP, assert_same_tensors, loss_fn, make_batches,
                               make_optimizer, manual_step, scaler_cpu)
-from training_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 K = 3  # micro-batches per batch of 12
 

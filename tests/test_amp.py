@@ -7,23 +7,9 @@ import pytest
 import torch
 
 from sam_kernels import SAM
-from training_helpers import (ALGORITHMS, MLP, SCALE, HostReads, assert_same_tensors, loss_fn,
-                              make_batches, make_closure, make_optimizer, manual_step,
-                              passes_per_step, scaler_cpu)
-from training_helpers import one_thread  # noqa: F401  (autouse fixture)
-
-
-class InfInjector:
-    """Backward hook on one parameter: replaces its gradient with +inf in pass `at` of the
-    current step (passes counted from 0 since the last reset)."""
-
-    def __init__(self, param):
-        self.calls, self.at = 0, None
-        param.register_hook(self)
-
-    def __call__(self, grad):
-        k, self.calls = self.calls, self.calls + 1
-        return torch.full_like(grad, float("inf")) if k == self.at else grad
+from training_helpers import (ALGORITHMS, MLP, SCALE, HostReads, InfInjector,
+                              assert_same_tensors, loss_fn, make_batches, make_closure,
+                              make_optimizer, manual_step, passes_per_step, scaler_cpu)
 
 
 def one_step(opt, model, x, y, scaler, api):
@@ -223,3 +209,26 @@ def test_invalid_training_options():
     for bad in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="Invalid max_grad_norm value"):
             SAM(params, torch.optim.SGD, lr=0.1, max_grad_norm=bad)
+
+
+def test_scaled_clipped_skipping_step_on_every_backend(backend_device):
+    """The whole AMP path (unscale per pass, clipping's fused norm, exact restore, skip) with
+    each backend's kernels, on each device: a scaled run with an inf in one step equals an
+    unscaled run that never saw that batch, bit for bit."""
+    backend, device = backend_device
+    batches = [(x.to(device), y.to(device)) for x, y in make_batches(4)]
+    torch.manual_seed(0)
+    model = MLP().to(device)
+    twin_model = copy.deepcopy(model)
+    scaler = torch.amp.GradScaler(device, init_scale=SCALE, growth_interval=10_000)
+    opt, twin = (SAM(m.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend=backend,
+                     model=m, max_grad_norm=0.3, grad_scaler=s)
+                 for m, s in ((model, scaler), (twin_model, None)))
+    injector = InfInjector(model.fc1.weight)
+    for t, (x, y) in enumerate(batches):
+        injector.calls, injector.at = 0, (1 if t == 2 else None)
+        one_step(opt, model, x, y, scaler, "closure")
+        if t != 2:
+            one_step(twin, twin_model, x, y, None, "closure")
+    assert scaler.get_scale() == SCALE / 2
+    assert_same_tensors(list(model.parameters()), list(twin_model.parameters()), "weights")

@@ -10,7 +10,6 @@ import torch
 from sam_kernels import bn
 from training_helpers import (ALGORITHMS, BNNet, loss_fn, make_batches, make_closure,
                               make_optimizer, manual_step)
-from training_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 MODULES = {
     "bn1d": lambda: torch.nn.BatchNorm1d(5),

@@ -9,7 +9,6 @@ from sam_kernels import SAM
 from training_helpers import (ALGORITHMS, MLP, SCALE, HostReads, assert_same_tensors,
                               loss_fn, make_batches, make_closure, make_optimizer,
                               scaler_cpu)
-from training_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 MAX_NORM = 0.3  # below the gradient norms of the first steps, above some later ones
 

@@ -13,7 +13,6 @@ from torch._dynamo.utils import counters
 
 from training_helpers import (ALGORITHMS, MLP, BNNet, assert_same_tensors, loss_fn,
                               make_batches, make_closure, make_optimizer, passes_per_step)
-from training_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 STAGES = ("first_step", "second_step", "third_step", "fourth_step")
 STEPS = 2  # VaSSORe: one step computing pass 1, one reusing

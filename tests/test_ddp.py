@@ -7,7 +7,9 @@ shard, against a single-process simulation of the per-rank rule:
 - GSAM/GAM: every pass per rank, each rank forms its own final gradient, and those are averaged
   (one bucketed all-reduce) before the base step.
 
-Both `step(closure)` and a hand-written loop with `pass_context()` are checked."""
+Both `step(closure)` and a hand-written loop with `pass_context()` are checked, and
+`max_grad_norm` (clips the averaged gradient) and a GradScaler with an inf in one rank's pass 1
+(every rank skips that step and backs off alike)."""
 import copy
 import os
 
@@ -16,16 +18,18 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from training_helpers import (ALGORITHMS, MLP, loss_fn, make_batches, make_closure,
-                              make_optimizer, manual_step)
-from training_helpers import one_thread  # noqa: F401  (autouse fixture)
+from training_helpers import (ALGORITHMS, MLP, SCALE, InfInjector, loss_fn, make_batches,
+                              make_closure, make_optimizer, manual_step, scaler_cpu)
 
 WORLD = 2
 STEPS = 4
 MAX_NORM = 0.2
-#: (algorithm, api, max_grad_norm) runs done in the 2-process job
+BAD_STEP = 2  # every algorithm runs pass 1 in this step (VaSSORe recomputes at even steps)
+#: (algorithm, api, option) runs done in the 2-process job; option: None, "clip" (max_grad_norm)
+#: or "amp" (GradScaler; rank 0 alone gets an inf gradient in pass 1 of BAD_STEP)
 RUNS = [(name, api, None) for name in ALGORITHMS for api in ("closure", "manual")] + \
-       [(name, "closure", MAX_NORM) for name in ("SAM", "GSAM") if name in ALGORITHMS]
+       [(name, "closure", "clip") for name in ("SAM", "GSAM") if name in ALGORITHMS] + \
+       [(name, "closure", "amp") for name in ALGORITHMS]
 
 
 def shards(rank):
@@ -45,17 +49,26 @@ def _worker(rank, init_file, out_dir):
                             world_size=WORLD)
     try:
         results = {}
-        for name, api, max_norm in RUNS:
+        for name, api, option in RUNS:
             model = fresh_model()
             ddp = torch.nn.parallel.DistributedDataParallel(model)
+            scaler = scaler_cpu() if option == "amp" else None
+            injector = InfInjector(model.fc1.weight)
             opt = make_optimizer(name, ddp.parameters(), torch.optim.SGD, lr=0.1,
-                                 momentum=0.9, model=ddp, max_grad_norm=max_norm)
-            for x, y in shards(rank):
+                                 momentum=0.9, model=ddp, grad_scaler=scaler,
+                                 max_grad_norm=MAX_NORM if option == "clip" else None)
+            for t, (x, y) in enumerate(shards(rank)):
+                injector.calls = 0
+                injector.at = 0 if option == "amp" and rank == 0 and t == BAD_STEP else None
                 if api == "closure":
-                    opt.step(make_closure(opt, ddp, x, y))
+                    opt.step(make_closure(opt, ddp, x, y, scaler))
                 else:
                     manual_step(opt, lambda: loss_fn(ddp, x, y).backward())
-            results[(name, api, max_norm)] = [p.detach().clone() for p in model.parameters()]
+                if scaler is not None:
+                    scaler.update()
+            results[(name, api, option)] = (
+                [p.detach().clone() for p in model.parameters()],
+                scaler.get_scale() if scaler is not None else None)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -70,11 +83,13 @@ def ddp_results(tmp_path_factory):
     return {run: [res[run] for res in per_rank] for run in RUNS}
 
 
-def simulate(name, max_norm=None):
-    """The per-rank rule in one process, one model copy (and optimizer) per rank."""
+def simulate(name, max_norm=None, skip_step=None):
+    """The per-rank rule in one process, one model copy (and optimizer) per rank; the batch of
+    `skip_step` left out."""
     model = fresh_model()
     ranks = [copy.deepcopy(model) for _ in range(WORLD)]
-    data = [shards(r) for r in range(WORLD)]
+    data = [[b for t, b in enumerate(shards(r)) if t != skip_step] for r in range(WORLD)]
+    steps = len(data[0])
     cls = type(make_optimizer(name, [torch.nn.Parameter(torch.zeros(1))], torch.optim.SGD,
                               lr=0.1))
     if cls._reduce_final_grads:
@@ -83,7 +98,7 @@ def simulate(name, max_norm=None):
         opts = [make_optimizer(name, m.parameters(), torch.optim.SGD, lr=0.0, model=m)
                 for m in ranks]
         base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        for t in range(STEPS):
+        for t in range(steps):
             finals = []
             for m, opt, d in zip(ranks, opts, data):
                 with torch.no_grad():
@@ -101,7 +116,7 @@ def simulate(name, max_norm=None):
     # averaged over the ranks (what DDP does) before each rank's second_step
     opts = [make_optimizer(name, m.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9,
                            model=m, max_grad_norm=max_norm) for m in ranks]
-    for t in range(STEPS):
+    for t in range(steps):
         for m, opt, d in zip(ranks, opts, data):
             opt.zero_grad()
             if opt.needs_inner_pass() if hasattr(opt, "needs_inner_pass") else True:
@@ -121,11 +136,14 @@ def simulate(name, max_norm=None):
 
 @pytest.mark.parametrize("run", RUNS, ids=lambda r: "-".join(map(str, r)))
 def test_ddp_matches_per_rank_simulation(ddp_results, run):
-    name, api, max_norm = run
-    rank0, rank1 = ddp_results[run]
+    name, api, option = run
+    (rank0, scale0), (rank1, scale1) = ddp_results[run]
     for a, b in zip(rank0, rank1):
-        assert torch.equal(a, b)  # DDP kept the replicas identical
-    expected = simulate(name, max_norm)
+        assert torch.equal(a, b)  # the replicas stayed identical
+    if option == "amp":
+        assert scale0 == scale1 == SCALE / 2  # both backed off, though one rank saw the inf
+    expected = simulate(name, MAX_NORM if option == "clip" else None,
+                        BAD_STEP if option == "amp" else None)
     for a, b in zip(rank0, expected):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
     assert not torch.equal(rank0[0], fresh_model().fc1.weight)  # it trained
@@ -138,6 +156,6 @@ def test_pass_one_really_is_per_rank(ddp_results):
     opt = make_optimizer("SAM", model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
     for x, y in make_batches(STEPS, dtype=torch.float64):
         opt.step(make_closure(opt, model, x, y))
-    ddp_weights = ddp_results[("SAM", "closure", None)][0]
+    ddp_weights = ddp_results[("SAM", "closure", None)][0][0]
     gap = max((a - b).abs().max().item() for a, b in zip(ddp_weights, model.parameters()))
     assert gap > 1e-6

@@ -9,7 +9,6 @@ from torch.optim import lr_scheduler
 
 from training_helpers import (ALGORITHMS, MLP, assert_same_tensors, make_batches, make_closure,
                               make_optimizer, manual_step, loss_fn)
-from training_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 STEPS = 6
 SCHEDULERS = {

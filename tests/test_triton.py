@@ -166,7 +166,7 @@ def test_exact_restore_keeps_the_tables_of_a_step_cached(tk):
 def test_table_layout(tk):
     from sam_kernels.ops.triton_kernels import utils
     a, b = _randn([(0,), (17,), (16,), (1,)]), _randn([(0,), (17,), (16,), (1,)])
-    t = utils.tensor_table([a, b], 16)
+    t = utils.build_table([a, b], 16)
     host = t.table.cpu().tolist()
     n = 4
     assert t.n_tensors == n and t.n_programs == 2 + 1 + 1  # ceil(17/16) + 1 + 1, none for 0
@@ -253,7 +253,7 @@ def test_unaligned_views_and_channels_last(tk):
     cl = torch.randn(2, 3, 4, 5, device=DEVICE).to(memory_format=torch.channels_last)
     cl2 = torch.randn(2, 3, 4, 5, device=DEVICE).to(memory_format=torch.channels_last)
     from sam_kernels.ops.triton_kernels import utils
-    assert not utils.tensor_table([[view]], 16).aligned
+    assert not utils.build_table([[view]], 16).aligned
     stats = tk.dot_sum_sq([view, cl], [view, cl2])
     expected = [sum((a.double() * b.double()).sum() for a, b in ((view, view), (cl, cl2))),
                 (view.double() ** 2).sum() + (cl.double() ** 2).sum(),
@@ -305,7 +305,8 @@ def test_block_size_sets_programs_per_tensor(tk):
     xs = _randn([(100,), (33,)])
     for block, programs in ((16, 7 + 3), (64, 2 + 1), (128, 1 + 1)):
         with tk.block_size(block):
-            assert utils.group_launches([xs])[0].table.n_programs == programs
+            plan = utils.plan("test", [xs], check=lambda: None)
+            assert [g.table.n_programs for g in plan.groups] == [programs]
             _close(tk.sum_sq(xs, [], 0.0), sum((x.double() ** 2).sum() for x in xs),
                    torch.float32)
 
@@ -343,9 +344,14 @@ def test_cpu_tensors_without_the_interpreter_raise_a_clear_error():
 def test_argument_errors_match_the_contract(tk):
     with pytest.raises(ValueError, match=r"sum_sq: xs\[0\] and weights\[0\] differ in shape"):
         tk.sum_sq(_randn([(3,)]), _randn([(4,)]), 0.0)
+    params, dirs = _randn([(3,)]), _randn([(3,)])
+    tk.perturb_(params, dirs, torch.ones((), device=DEVICE), 0.1, 1e-12, False, 0.0, [])
+    # the same lists again (a cached, validated plan): the device scalar is still checked
     with pytest.raises(ValueError, match="perturb_: sum_sq must have 1 element"):
-        tk.perturb_(_randn([(3,)]), _randn([(3,)]), torch.zeros(2, device=DEVICE), 0.1, 1e-12,
-                    False, 0.0, [])
+        tk.perturb_(params, dirs, torch.zeros(2, device=DEVICE), 0.1, 1e-12, False, 0.0, [])
+    with pytest.raises(ValueError, match="orth_combine_: stats must be float32 or float64"):
+        tk.orth_combine_(params, dirs, torch.zeros(3, device=DEVICE, dtype=torch.float16),
+                         0.1, 1e-12)
     ys = _randn([(3,)])
     before = ys[0].clone()
     with pytest.raises(ValueError, match=r"axpby_: ys\[0\] and xs\[0\] differ in dtype"):

@@ -1,7 +1,6 @@
 """Shared by the training-loop tests (AMP, DDP, accumulation, clipping, LR schedulers, BatchNorm,
 Lightning, compile): every SAM-family algorithm this package has, built the same way, small
 models and data, and the two ways of driving a step (closure, by hand)."""
-import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -23,13 +22,6 @@ _SPECS = {
 ALGORITHMS = [name for name, (cls, _) in _SPECS.items() if hasattr(sam_kernels, cls)]
 #: passes (forward+backward) in one step that computes everything, by class name
 PASSES = {"GAM": 4}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and on a busy CI machine many times faster
-    (conftest puts the thread count back after each test). Import it into a test module."""
-    torch.set_num_threads(1)
 
 
 def make_optimizer(name, params, base=torch.optim.SGD, **kwargs):
@@ -144,3 +136,16 @@ class HostReads(TorchDispatchMode):
         if func is torch.ops.aten._local_scalar_dense.default:
             self.count += 1
         return func(*args, **(kwargs or {}))
+
+
+class InfInjector:
+    """Backward hook on one parameter: replaces its gradient with +inf in pass `at` of the
+    current step (passes counted from 0 since the last reset)."""
+
+    def __init__(self, param):
+        self.calls, self.at = 0, None
+        param.register_hook(self)
+
+    def __call__(self, grad):
+        k, self.calls = self.calls, self.calls + 1
+        return torch.full_like(grad, float("inf")) if k == self.at else grad

@@ -61,6 +61,9 @@ def unavailable_reason(name: str, device_type: Optional[str] = None) -> Optional
     if device_type == "cpu" and not _interpreting():
         return ("Triton kernels run on CUDA tensors; on CPU tensors only under the Triton "
                 "interpreter (set TRITON_INTERPRET=1 before importing triton)")
+    if device_type == "cuda" and _interpreting():
+        return ("TRITON_INTERPRET=1 is set: the Triton interpreter runs kernels on CPU tensors "
+                "only; unset it to run the Triton kernels on the GPU")
     if device_type is None and not (torch.cuda.is_available() or _interpreting()):
         return "no CUDA device is available (and TRITON_INTERPRET=1 is not set)"
     if device_type not in (None, "cpu", "cuda"):

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from .. import bn, ops
+from .. import bn
 from ..ops import _registry
 
 Tensors = List[torch.Tensor]
@@ -428,7 +428,14 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         if not flags:  # no gradients at all
             return torch.zeros((), device=self._device)
         # fused optimizers compare the flag with 1 exactly
-        return torch.clamp(torch.stack(flags).sum(), max=1.0)
+        found = torch.clamp(torch.stack(flags).sum(), max=1.0)
+        if self._ddp_active():
+            # pass 1 (all passes for GSAM/GAM) ran per rank: an inf on one rank must skip the
+            # step on every rank, and back off every rank's scale alike (update() reads flags)
+            torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX,
+                                         group=self._ddp_module.process_group)
+            flags[0].copy_(found)
+        return found
 
     def _snapshot_guarded_state(self) -> None:
         """With a GradScaler: copy what a skipped step must put back (`_amp_guarded_state`

@@ -8,7 +8,8 @@ import torch
 
 from .base import (SharpnessAwareOptimizer, StepVar, Tensors, check_nonnegative,
                    check_positive)
-from .gsam import ClosureMixin, check_grad_reduce, scheduled_value
+from .closure import ClosureMixin
+from .gsam import check_grad_reduce, scheduled_value
 
 #: hyper-parameters read from the seed's `args` namespace when not given as keywords
 _ARG_DEFAULTS = dict(grad_rho=0.03, grad_norm_rho=0.2, grad_beta_1=0.1, grad_beta_2=0.9,

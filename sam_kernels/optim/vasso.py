@@ -16,7 +16,7 @@ import torch
 
 from .base import (GradSlots, SharpnessAwareOptimizer, StepVar, Tensors, _all_params,
                    all_reduce_grads_, check_nonnegative, check_positive, find_ddp)
-from .gsam import ClosureMixin
+from .closure import ClosureMixin
 
 CRITERIA = ("naive", "random", "gSAMflat", "gSAMsharp", "gSAMratio", "cosSim")
 #: seed of the private generator the `random` criterion uses when none is given; the same on

@@ -1,10 +1,12 @@
 """Device side of the multi-tensor mechanism (host side: utils.py): where a program's block is,
 the typed pointer of a list's tensor, and loads/stores that are masked only in a tensor's last,
 partial block, so full blocks compile to unmasked (vectorisable) memory accesses."""
-import triton
 import triton.language as tl
 
-from .utils import device_function
+from .utils import device_function, without_repatching
+
+#: tl.sum (a jit function of triton.language), called without the interpreter's re-patching.
+block_sum = without_repatching(tl.sum)
 
 
 @device_function
@@ -34,7 +36,7 @@ def scalar_arg(x, ACC: tl.constexpr):
     """A float launch argument (annotated tl.float64) in ACC. Compiled, `x` is an fp64 scalar;
     interpreted, a Python float, which `.to()` cannot take and tl.cast would round via fp32: an
     addition to an ACC zero rounds it once, from its full value, in both cases."""
-    return (tl.zeros((), ACC) + x).to(ACC)
+    return (tl.full((), 0, ACC) + x).to(ACC)
 
 
 @device_function

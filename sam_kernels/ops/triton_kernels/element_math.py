@@ -6,7 +6,6 @@ No libdevice (the interpreter has none): square roots and divisions of the scala
 the IEEE round-to-nearest forms (`sqrt_rn`/`div_rn` for fp32; fp64 ones are always exact) like
 the C++ `sqrtf` and `/`, rather than Triton's fast fp32 defaults.
 """
-import triton
 import triton.language as tl
 
 from .utils import device_function

@@ -122,41 +122,56 @@ def _axpby_kernel(table, n_tensors, a: tl.float64, b: tl.float64, B_IS_ZERO: tl.
 
 
 # ---------------------------------------------------------------------------- launchers
-def _apply(op: str, lists: Sequence[Tensors], kernel, *args, **constexprs) -> None:
-    """`kernel(table, n_tensors, *args)` over each dtype group of the paired `lists`."""
+def _checked_plan(op: str, lists: Sequence[Tensors], check, scalar=None):
+    """The launch plan of the paired `lists` after every argument check (`check()` runs once per
+    signature, see utils.plan); None when there is nothing to do. `scalar` = (name, tensor,
+    numel): the device scalar the kernel reads, checked at every call since it is not part of
+    the cached signature."""
     if not lists[0]:
-        return
-    device = utils.prepare(op, lists)
-    with utils.device_guard(device):
-        for group in utils.group_launches(lists):
+        check()
+        return None
+    plan = utils.plan(op, lists, check)
+    if scalar is not None:
+        name, tensor, numel = scalar
+        _checks.check_scalar_tensor(op, name, tensor, numel, plan.device.type)
+        utils.check_scalar_device(op, name, tensor, plan.device)
+    return plan
+
+
+def _launch(plan, kernel, *args, **constexprs) -> None:
+    """`kernel(table, n_tensors, *args)` once per dtype group of the plan."""
+    with utils.device_guard(plan.device):
+        for group in plan.groups:
             group.launch(kernel, *args, **constexprs)
 
 
 def perturb_(params: Tensors, dirs: Tensors, sum_sq: torch.Tensor, rho: float, eps: float,
              adaptive: bool, eta: float, backup: Tensors) -> None:
-    _checks.check_perturb(params, dirs, sum_sq, backup)
     has_backup = len(backup) > 0
-    lists = [params, dirs, backup] if has_backup else [params, dirs]
-    if params:
-        utils.check_scalar_device("perturb_", "sum_sq", sum_sq, params[0].device)
-    _apply("perturb_", lists, _perturb_kernel, sum_sq, float(rho), float(eps), float(eta),
-           ADAPTIVE=bool(adaptive), HAS_BACKUP=has_backup)
+    plan = _checked_plan("perturb_", [params, dirs, backup] if has_backup else [params, dirs],
+                         lambda: _checks.check_perturb(params, dirs, sum_sq, backup),
+                         ("sum_sq", sum_sq, 1))
+    if plan is not None:
+        _launch(plan, _perturb_kernel, sum_sq, float(rho), float(eps), float(eta),
+                ADAPTIVE=bool(adaptive), HAS_BACKUP=has_backup)
 
 
 def restore_(params: Tensors, backup: Tensors) -> None:
-    _checks.check_restore(params, backup)
-    _apply("restore_", [params, backup], _restore_kernel)
+    plan = _checked_plan("restore_", [params, backup],
+                         lambda: _checks.check_restore(params, backup))
+    if plan is not None:
+        _launch(plan, _restore_kernel)
 
 
 def orth_combine_(d: Tensors, m: Tensors, stats: torch.Tensor, gamma: float, eps: float) -> None:
-    _checks.check_orth_combine(d, m, stats)
-    if d:
-        utils.check_scalar_device("orth_combine_", "stats", stats, d[0].device)
-    stats = stats.reshape(3)  # a view when it can be; the kernel reads stats[k * stride]
-    _apply("orth_combine_", [d, m], _orth_combine_kernel, stats, stats.stride(0), float(gamma),
-           float(eps))
+    plan = _checked_plan("orth_combine_", [d, m], lambda: _checks.check_orth_combine(d, m, stats),
+                         ("stats", stats, 3))
+    if plan is not None:
+        flat = stats.reshape(3)  # a view when it can be; the kernel reads flat[k * stride]
+        _launch(plan, _orth_combine_kernel, flat, flat.stride(0), float(gamma), float(eps))
 
 
 def axpby_(ys: Tensors, xs: Tensors, a: float, b: float) -> None:
-    _checks.check_axpby(ys, xs)
-    _apply("axpby_", [ys, xs], _axpby_kernel, float(a), float(b), B_IS_ZERO=float(b) == 0.0)
+    plan = _checked_plan("axpby_", [ys, xs], lambda: _checks.check_axpby(ys, xs))
+    if plan is not None:
+        _launch(plan, _axpby_kernel, float(a), float(b), B_IS_ZERO=float(b) == 0.0)

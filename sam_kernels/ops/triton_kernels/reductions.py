@@ -21,11 +21,11 @@ Tensors = Sequence[torch.Tensor]
 def _finalize_kernel(partials, n_partials, out, N_OUT: tl.constexpr, FBLOCK: tl.constexpr):
     """out[k] = Σ_i partials[i * N_OUT + k], in index order of FBLOCK-wide lanes."""
     for k in tl.static_range(N_OUT):
-        acc = tl.zeros([FBLOCK], dtype=tl.float64)
+        acc = tl.full([FBLOCK], 0, tl.float64)
         for first in range(0, n_partials, FBLOCK):
             idx = first + tl.arange(0, FBLOCK)
             acc += tl.load(partials + idx * N_OUT + k, mask=idx < n_partials, other=0.0)
-        tl.store(out + k, tl.sum(acc, axis=0).to(out.dtype.element_ty))
+        tl.store(out + k, blocks.block_sum(acc, axis=0).to(out.dtype.element_ty))
 
 
 @device_function
@@ -37,7 +37,7 @@ def _sum_sq_block(x_ptr, w_ptr, offsets, numel, eta, WEIGHTED: tl.constexpr, ACC
         squares = element_math.weighted_square(x, w, eta)
     else:
         squares = x * x
-    return tl.sum(squares, axis=0)
+    return blocks.block_sum(squares, axis=0)
 
 
 @triton.jit
@@ -63,7 +63,8 @@ def _sum_sq_kernel(table, n_tensors, partials, first_partial, eta: tl.float64,
 def _dot_sum_sq_block(a_ptr, b_ptr, offsets, numel, ACC: tl.constexpr, MASKED: tl.constexpr):
     a = blocks.load(a_ptr, offsets, numel, MASKED).to(ACC)
     b = blocks.load(b_ptr, offsets, numel, MASKED).to(ACC)
-    return tl.sum(a * b, axis=0), tl.sum(a * a, axis=0), tl.sum(b * b, axis=0)
+    return (blocks.block_sum(a * b, axis=0), blocks.block_sum(a * a, axis=0),
+            blocks.block_sum(b * b, axis=0))
 
 
 @triton.jit
@@ -93,7 +94,7 @@ def _lerp_sum_sq_block(e_ptr, g_ptr, offsets, numel, theta, DTYPE: tl.constexpr,
     blocks.store(e_ptr, offsets, stored, numel, MASKED)
     # The norm is of the value as stored, so it matches the direction used afterwards.
     s = stored.to(ACC)
-    return tl.sum(s * s, axis=0)
+    return blocks.block_sum(s * s, axis=0)
 
 
 @triton.jit
@@ -113,41 +114,44 @@ def _lerp_sum_sq_kernel(table, n_tensors, partials, first_partial, theta: tl.flo
 
 
 # ---------------------------------------------------------------------------- launchers
-def _reduce(op: str, lists: Sequence[Tensors], n_out: int, kernel, *args,
+def _reduce(op: str, lists: Sequence[Tensors], check, n_out: int, kernel, *args,
             **constexprs) -> torch.Tensor:
     """`kernel(table, n_tensors, partials, first_partial, *args)` over each dtype group of the
-    paired `lists`, then the finalize into a new tensor of `n_out` values (0-d if n_out == 1)."""
+    paired `lists` (validated by `check()`), then the finalize into a new tensor of `n_out`
+    values (0-d when n_out == 1)."""
     shape = () if n_out == 1 else (n_out,)
-    dtype = _checks.reduction_dtype(lists[0])
     if not lists[0]:
-        return torch.zeros(shape, dtype=dtype)
-    device = utils.prepare(op, lists)
-    with utils.device_guard(device):
-        groups = utils.group_launches(lists)
-        n_partials = sum(g.table.n_programs for g in groups)
-        partials = torch.empty(max(n_partials, 1) * n_out, dtype=torch.float64, device=device)
+        check()
+        return torch.zeros(shape, dtype=torch.float32)
+    plan = utils.plan(op, lists, check)
+    dtype = _checks.reduction_dtype(lists[0])
+    with utils.device_guard(plan.device):
+        n_partials = sum(g.table.n_programs for g in plan.groups)
+        partials = torch.empty(max(n_partials, 1) * n_out, dtype=torch.float64,
+                               device=plan.device)
         first = 0
-        for group in groups:
+        for group in plan.groups:
             group.launch(kernel, partials, first, *args, **constexprs)
             first += group.table.n_programs
-        out = torch.empty(shape, dtype=dtype, device=device)
+        out = torch.empty(shape, dtype=dtype, device=plan.device)
         utils.launch(_finalize_kernel, 1, partials, n_partials, out, N_OUT=n_out,
-                     FBLOCK=utils.FINALIZE_BLOCK, num_warps=4)
+                     FBLOCK=utils.FINALIZE_BLOCK, num_warps=4,
+                     enable_fp_fusion=utils.FP_FUSION)
     return out
 
 
 def sum_sq(xs: Tensors, weights: Tensors, eta: float) -> torch.Tensor:
-    _checks.check_sum_sq(xs, weights)
     weighted = len(weights) > 0
-    lists = [xs, weights] if weighted else [xs]
-    return _reduce("sum_sq", lists, 1, _sum_sq_kernel, float(eta), WEIGHTED=weighted)
+    return _reduce("sum_sq", [xs, weights] if weighted else [xs],
+                   lambda: _checks.check_sum_sq(xs, weights), 1, _sum_sq_kernel, float(eta),
+                   WEIGHTED=weighted)
 
 
 def dot_sum_sq(a: Tensors, b: Tensors) -> torch.Tensor:
-    _checks.check_dot_sum_sq(a, b)
-    return _reduce("dot_sum_sq", [a, b], 3, _dot_sum_sq_kernel)
+    return _reduce("dot_sum_sq", [a, b], lambda: _checks.check_dot_sum_sq(a, b), 3,
+                   _dot_sum_sq_kernel)
 
 
 def lerp_sum_sq_(ema: Tensors, g: Tensors, theta: float) -> torch.Tensor:
-    _checks.check_lerp_sum_sq(ema, g)
-    return _reduce("lerp_sum_sq_", [ema, g], 1, _lerp_sum_sq_kernel, float(theta))
+    return _reduce("lerp_sum_sq_", [ema, g], lambda: _checks.check_lerp_sum_sq(ema, g), 1,
+                   _lerp_sum_sq_kernel, float(theta))

@@ -1,6 +1,6 @@
-"""What every Triton op shares: the block-size setting, launch heuristics, grouping a call's
-tensors by dtype, and the cached device tables of pointers / sizes / program map that let one
-launch cover a whole tensor list.
+"""What every Triton op shares: the block-size setting, launch heuristics, device checks, and
+the cached launch plans — a call's tensors grouped by dtype, each group with a device table of
+pointers / sizes / program map that lets one launch cover the whole group.
 
 Table layout (one int64 device tensor per dtype group, `n` tensors, `k` lists, `P` programs)::
 
@@ -15,7 +15,7 @@ import contextlib
 import os
 import threading
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -36,8 +36,8 @@ FINALIZE_BLOCK = 1024
 #: Contract a*b+c into FMAs, as nvcc does for the CUDA backend (Triton 3.9's default, set
 #: explicitly so a change of Triton's default does not change results).
 FP_FUSION = True
-#: Device tables kept (each a few KiB); an optimizer uses a handful per step.
-TABLE_CACHE_SIZE = 256
+#: Launch plans kept (each a few KiB of device tables); an optimizer uses a handful per step.
+PLAN_CACHE_SIZE = 256
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64,
              torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -123,15 +123,19 @@ class _InterpretedHelper:
         return self._rewritten(*args, **kwargs)
 
 
-def device_function(fn):
-    """`triton.jit` for the helpers kernels call. Interpreted, every call of a jit helper
-    re-patches the whole triton.language module (~1 ms, most of a program's time here) although
-    the launching kernel has patched it already; so call the interpreter's rewritten function
-    directly. Compiled kernels get the plain JITFunction."""
-    jitted = triton.jit(fn)
+def without_repatching(jitted):
+    """A jit function as kernels should call it. Interpreted, every call of a jit function from
+    a kernel re-patches the whole triton.language module (~1 ms, more than the function's work)
+    although the launching kernel has patched it already; so call the interpreter's rewritten
+    function directly. Compiled, the JITFunction itself."""
     if _INTERPRETED and hasattr(jitted, "rewrite"):
         return _InterpretedHelper(jitted)
     return jitted
+
+
+def device_function(fn):
+    """`triton.jit` for the helpers kernels call (see without_repatching)."""
+    return without_repatching(triton.jit(fn))
 
 
 def check_device(op: str, device: torch.device) -> None:
@@ -159,19 +163,16 @@ def device_guard(device: torch.device):
     return contextlib.nullcontext()
 
 
-def prepare(op: str, lists: Sequence[Tensors]) -> torch.device:
-    """The device of a call's (non-empty) paired lists, after checking the kernels can run there
-    and, on CUDA, that every tensor is on that very device (_checks compares device types)."""
-    device = lists[0][0].device
-    check_device(op, device)
-    if device.type == "cuda":
-        for k, xs in enumerate(lists):
-            for i, t in enumerate(xs):
-                if t.device != device:
-                    raise ValueError(f"{op}: tensor {i} of argument list {k} is on {t.device} but "
-                                     f"the first tensor is on {device}; keep every tensor of a "
-                                     "call on one device")
-    return device
+def check_same_device(op: str, lists: Sequence[Tensors], device: torch.device) -> None:
+    """On CUDA, every tensor on `device` itself (_checks compares device types only)."""
+    if device.type != "cuda":
+        return
+    for k, xs in enumerate(lists):
+        for i, t in enumerate(xs):
+            if t.device != device:
+                raise ValueError(f"{op}: tensor {i} of argument list {k} is on {t.device} but "
+                                 f"the first tensor is on {device}; keep every tensor of a call "
+                                 "on one device")
 
 
 def check_scalar_device(op: str, name: str, t: torch.Tensor, device: torch.device) -> None:
@@ -189,48 +190,11 @@ class TensorTable:
     aligned: bool  # every data pointer is 16-byte aligned (lets the compiler vectorise)
 
 
-_tables: "collections.OrderedDict[tuple, TensorTable]" = collections.OrderedDict()
-_tables_lock = threading.Lock()
-_stats = {"hits": 0, "misses": 0}
-
-
-def cache_info() -> Dict[str, int]:
-    """Table-cache counters: hits, misses (builds) and current size."""
-    return {**_stats, "size": len(_tables)}
-
-
-def clear_cache() -> None:
-    with _tables_lock:
-        _tables.clear()
-        _stats["hits"] = _stats["misses"] = 0
-
-
-def tensor_table(lists: Sequence[Tensors], block: int) -> TensorTable:
-    """The device table for paired `lists` (same length, same numels) at `block` elements per
-    program, built once and then found again while the storages stay where they are.
-
-    The key is everything the table is made of (addresses, sizes, block, device), so a hit is
-    always correct, even for a new tensor that reuses a freed address."""
-    first = lists[0]
-    key = (first[0].device, block, tuple(t.numel() for t in first),
-           tuple(t.data_ptr() for xs in lists for t in xs))
-    with _tables_lock:
-        found = _tables.get(key)
-        if found is not None:
-            _tables.move_to_end(key)
-            _stats["hits"] += 1
-            return found
-    built = _build_table(lists, block, key[2], key[3])
-    with _tables_lock:
-        _stats["misses"] += 1
-        _tables[key] = built
-        while len(_tables) > TABLE_CACHE_SIZE:
-            _tables.popitem(last=False)
-    return built
-
-
-def _build_table(lists: Sequence[Tensors], block: int, numel_list: Tuple[int, ...],
-                 ptr_list: Tuple[int, ...]) -> TensorTable:
+def build_table(lists: Sequence[Tensors], block: int) -> TensorTable:
+    """The device table of paired `lists` (same length, same numels) at `block` elements per
+    program: one host tensor, one copy to the device."""
+    numel_list = [t.numel() for t in lists[0]]
+    ptr_list = [t.data_ptr() for xs in lists for t in xs]
     n = len(numel_list)
     numels = torch.tensor(numel_list, dtype=torch.int64)
     blocks = (numels + block - 1) // block
@@ -253,7 +217,7 @@ def dtype_groups(xs: Tensors) -> Dict[torch.dtype, List[int]]:
     return groups
 
 
-@dataclass
+@dataclass(frozen=True)
 class GroupLaunch:
     """One dtype group of a call, ready to launch over grid (table.n_programs,)."""
     dtype: torch.dtype
@@ -271,17 +235,83 @@ class GroupLaunch:
                enable_fp_fusion=FP_FUSION, **constexprs)
 
 
-def group_launches(lists: Sequence[Tensors]) -> List[GroupLaunch]:
-    """Per dtype group of the paired `lists` (grouped by the first list's dtypes), the table to
-    launch over; groups with no element are left out."""
-    block = get_block_size()
+@dataclass(frozen=True)
+class Plan:
+    """What a call on a given set of lists launches: the device and, per dtype group with
+    elements, a GroupLaunch."""
+    device: torch.device
+    groups: Tuple[GroupLaunch, ...]
+
+
+def group_launches(lists: Sequence[Tensors], block: int) -> Tuple[GroupLaunch, ...]:
+    """Per dtype group of the paired `lists` (grouped by the first list's dtypes), a freshly
+    built table; groups with no element are left out."""
     launches = []
     for dtype, idx in dtype_groups(lists[0]).items():
         group = [[xs[i] for i in idx] for xs in lists] if len(idx) < len(lists[0]) else lists
-        table = tensor_table(group, block)
+        table = build_table(group, block)
         if table.n_programs:
             launches.append(GroupLaunch(dtype, table, len(lists), block))
-    return launches
+    return tuple(launches)
+
+
+_plans: "collections.OrderedDict[tuple, Plan]" = collections.OrderedDict()
+_plans_lock = threading.Lock()
+_stats = {"hits": 0, "misses": 0}
+
+
+def cache_info() -> Dict[str, int]:
+    """Launch-plan cache counters: hits, misses (validations + table builds) and size."""
+    return {**_stats, "size": len(_plans)}
+
+
+def clear_cache() -> None:
+    with _plans_lock:
+        _plans.clear()
+        _stats["hits"] = _stats["misses"] = 0
+
+
+def _signature(lists: Sequence[Tensors]) -> Optional[tuple]:
+    """Everything the argument checks and the tables depend on, per tensor; None when some
+    element is not a dense tensor (then the checks say what is wrong)."""
+    try:
+        return (tuple(len(xs) for xs in lists),
+                tuple((t.data_ptr(), t.dtype, t.shape, t.stride(), t.device)
+                      for xs in lists for t in xs))
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+
+
+def plan(op: str, lists: Sequence[Tensors], check: Callable[[], None]) -> Plan:
+    """The launch plan of a call on the paired, non-empty `lists`. `check()` runs the argument
+    checks of the primitive (raising on bad input); both are done once per distinct signature —
+    addresses, dtypes, shapes, strides, devices of every tensor, and the block size — and found
+    again while the storages stay where they are, so after the first optimizer step a call
+    builds no table, copies nothing to the device and repeats no check. A hit is always
+    correct: the key is everything the checks and the tables are made of (a new tensor that
+    reuses a freed address with the same metadata gets an identical table)."""
+    block = get_block_size()
+    signature = _signature(lists)
+    key = None if signature is None else (block, signature)
+    if key is not None:
+        with _plans_lock:
+            found = _plans.get(key)
+            if found is not None:
+                _plans.move_to_end(key)
+                _stats["hits"] += 1
+                return found
+    check()
+    device = lists[0][0].device
+    check_device(op, device)
+    check_same_device(op, lists, device)
+    built = Plan(device, group_launches(lists, block))
+    if key is not None:
+        with _plans_lock:
+            _stats["misses"] += 1
+            _plans[key] = built
+            while len(_plans) > PLAN_CACHE_SIZE:
+                _plans.popitem(last=False)
+    return built
 
 
 def launch(kernel, grid: int, *args, **kwargs) -> None:
