@@ -9,7 +9,6 @@ structure (for the byte floor). Each implementation is adapted to one step proto
 closure)` performs one full optimizer step, where `closure()` stands in for zero_grad +
 forward + backward and returns the loss.
 """
-import importlib.util
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -89,9 +88,10 @@ class Algo:
 
 # --- pytorch-optimizer (what users would pick instead) -----------------------------------
 def _pytorch_optimizer():
-    if importlib.util.find_spec("pytorch_optimizer") is None:
+    try:
+        import pytorch_optimizer
+    except ImportError:
         return None
-    import pytorch_optimizer
     return pytorch_optimizer
 
 

@@ -126,6 +126,17 @@ def goals_table(items: List[Dict[str, Any]]) -> str:
     return _format(["issue", "goal", "backend", "measured", "met"], lines)
 
 
+_COLOURS = {"seed": "tab:gray", "pytorch-optimizer": "tab:blue",
+            "pytorch-optimizer foreach": "tab:orange", "sam_kernels[reference]": "tab:red",
+            "sam_kernels[cpu]": "tab:green", "sam_kernels[cuda]": "tab:purple",
+            "sam_kernels[triton]": "tab:brown"}
+
+
+def _colour(impl: str) -> str:
+    """One colour per kind of implementation, the same in every panel."""
+    return _COLOURS.get("seed" if impl.startswith("seed") else impl, "black")
+
+
 def plot(results: Dict[str, Any], path: str) -> Optional[str]:
     """Extra-work time vs total parameters (log-log), one panel per algorithm, one colour per
     implementation; sweep suites joined by lines, named suites as labelled markers.
@@ -144,18 +155,19 @@ def plot(results: Dict[str, Any], path: str) -> Optional[str]:
     if not points:
         return "no rows to plot"
     algos = list(points)
-    fig, axes = plt.subplots(1, len(algos), figsize=(5.2 * len(algos), 4.4), squeeze=False)
-    impl_names = sorted({i for a in points.values() for i in a})
-    colours = {name: plt.cm.tab10(i % 10) for i, name in enumerate(impl_names)}
-    for ax, algo in zip(axes[0], algos):
+    ncols = min(3, len(algos))
+    nrows = (len(algos) + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.4 * ncols, 4.4 * nrows), squeeze=False)
+    for ax in axes.flat[len(algos):]:
+        ax.set_visible(False)
+    for ax, algo in zip(axes.flat, algos):
         for impl, pts in points[algo].items():
             sweep = sorted((n, t) for n, t, s in pts if s.startswith("sweep"))
             named = [(n, t, s) for n, t, s in pts if not s.startswith("sweep")]
             if sweep:
-                ax.plot(*zip(*sweep), "-o", ms=3, color=colours[impl], label=impl)
+                ax.plot(*zip(*sweep), "-o", ms=3, color=_colour(impl), label=impl)
             for n, t, s in named:
-                ax.plot(n, t, "s", ms=6, color=colours[impl],
-                        label=None if sweep else impl)
+                ax.plot(n, t, "s", ms=6, color=_colour(impl), label=None if sweep else impl)
             ax.set_xscale("log")
             ax.set_yscale("log")
         for n, s in sorted({(n, s) for pts in points[algo].values() for n, _, s in pts
@@ -173,6 +185,6 @@ def plot(results: Dict[str, Any], path: str) -> Optional[str]:
                  f"{meta['machine']['torch']}, device {meta['machine']['device']}, "
                  f"{meta['date']}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
     return None

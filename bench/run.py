@@ -49,8 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=1,
                     help="untimed steps per row (plus one that sizes the number of reps)")
     ap.add_argument("--budget", type=float, default=1.0,
-                    help="seconds of timed steps per row; fewer reps when a step is slow "
-                         "(at least 3)")
+                    help="seconds of timed steps per implementation; fewer reps when a "
+                         "step is slow (at least 3)")
     ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end CNN benchmark")
     ap.add_argument("--e2e-algos", nargs="+", default=None,
                     help="end-to-end rows to run, by label, or all: "
@@ -67,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default=None,
                     help="JSON path (default bench/results/<machine>-<date>.json)")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--replot", metavar="JSON", default=None,
+                    help="only redraw the PNG of an earlier results file, next to it")
     args = ap.parse_args(argv)
     if args.quick:
         args.suite = args.suite or ["tiny", "sweep4"]
@@ -102,6 +104,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.replot:
+        results = json.loads(Path(args.replot).read_text())
+        why_not = report.plot(results, str(Path(args.replot).with_suffix(".png")))
+        print(why_not or f"wrote {Path(args.replot).with_suffix('.png')}")
+        return results
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: torch sees no CUDA device here")
@@ -160,12 +167,15 @@ def main(argv=None) -> dict:
     out = Path(args.out) if args.out else RESULTS_DIR / (
         f"{harness.machine_slug(device)}-{datetime.date.today().isoformat()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
+    why_not = None
     if not args.no_plot:
         why_not = report.plot(results, str(out.with_suffix(".png")))
         results["meta"]["plot"] = why_not or out.with_suffix(".png").name
     out.write_text(json.dumps(results, indent=1, default=str) + "\n")
-    print(f"wrote {out}" + ("" if args.no_plot else f" and {results['meta']['plot']}") +
-          f" in {results['meta']['seconds']} s; {results['meta']['uptime_after']}")
+    plotted = "" if args.no_plot else (
+        f" and {results['meta']['plot']}" if not why_not else f" (no plot: {why_not})")
+    print(f"wrote {out}{plotted} in {results['meta']['seconds']} s; "
+          f"{results['meta']['uptime_after']}")
     return results
 
 

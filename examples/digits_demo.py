@@ -14,6 +14,7 @@ and writes a JSON file and a plot.
 Nothing here decides a winner: read the spread across seeds before reading the means.
 """
 import argparse
+import importlib.util
 import json
 import statistics
 import time
@@ -198,6 +199,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=str(HERE / "results" / "digits.json"))
     args = ap.parse_args(argv)
+    if importlib.util.find_spec("sklearn") is None:
+        raise SystemExit("digits_demo needs scikit-learn for its bundled data set: "
+                         "pip install scikit-learn")
     if args.threads:
         torch.set_num_threads(args.threads)
     summary = {}
@@ -213,7 +217,8 @@ def main(argv=None):
     print(table(summary))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"settings": vars(args), "base": BASE,
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    out.write_text(json.dumps({"settings": settings, "base": BASE,
                                "torch": torch.__version__, "threads": torch.get_num_threads(),
                                "summary": summary}, indent=1) + "\n")
     try:

@@ -420,3 +420,21 @@ def test_dispatches_bounded_and_no_host_reads(backend_device, adaptive):
     assert len(few) == len(many), (few, many)
     assert len(many) < 40
     assert "aten._local_scalar_dense" not in many
+
+
+def test_parameter_data_replaced_between_steps(backend_device):
+    """Backup buffers are cached per parameter list; swapping a parameter's .data for a
+    tensor of another shape must still give an exact restore."""
+    backend, device = backend_device
+    ps = _params((4, 3), (5,), device=device)
+    opt = SAM(ps, torch.optim.SGD, rho=0.1, lr=0.0, backend=backend)
+    for shape in [(4, 3), (2, 7)]:
+        with torch.no_grad():
+            ps[0].data = torch.randn(*shape, device=device)
+        before = [p.detach().clone() for p in ps]
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.first_step()
+        assert not torch.equal(ps[0], before[0])
+        opt.second_step()
+        assert all(torch.equal(p, b) for p, b in zip(ps, before))

@@ -153,6 +153,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         # containers made here, outside any compiled region (see StepVar): their contents
         # change in steps
         self._backups: Dict[torch.Tensor, torch.Tensor] = {}
+        self._backup_lists: Dict[Tuple[int, ...], Tensors] = {}
         self._scratch_buffers: Dict[str, Dict[torch.Tensor, torch.Tensor]] = {}
         self._amp_views: List[_ScalerPass] = []  # one GradScaler key per pass of a step
 
@@ -244,12 +245,32 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         backend = self._ops()
         perturbed_params, backups = [], []
         for (r, adaptive, eta), (params, ds) in buckets.items():
-            bufs = [self._backup_for(p) for p in params] if keep_backup else []
-            backend.perturb_(params, ds, sum_sq, r, eps, adaptive, eta, bufs)
+            bufs = self._backups_for(params) if keep_backup else []
+            try:
+                backend.perturb_(params, ds, sum_sq, r, eps, adaptive, eta, bufs)
+            except ValueError:
+                # A parameter's .data was replaced (new shape/dtype/layout) since the buffers
+                # were cached; the kernels validate before writing, so rebuild and retry once.
+                if not keep_backup:
+                    raise
+                self._backup_lists.clear()
+                bufs = self._backups_for(params)
+                backend.perturb_(params, ds, sum_sq, r, eps, adaptive, eta, bufs)
             perturbed_params.extend(params)
             backups.extend(bufs)
         if keep_backup:
             self._perturbed = (perturbed_params, backups)
+
+    def _backups_for(self, params: Tensors) -> Tensors:
+        """The persistent backup buffers of `params`, as one list cached per parameter list:
+        checking every buffer each step costs more host time than the copy itself on lists of
+        thousands of small tensors."""
+        key = tuple(map(id, params))
+        bufs = self._backup_lists.get(key)
+        if bufs is None:
+            bufs = [self._backup_for(p) for p in params]
+            self._backup_lists[key] = bufs
+        return bufs
 
     def _backup_for(self, p: torch.Tensor) -> torch.Tensor:
         buf = self._backups.get(p)
