@@ -16,8 +16,10 @@ namespace {
 constexpr auto kCPU = c10::DeviceType::CPU;
 
 // perturb_ with a backup copies and updates a span in blocks of this many bytes, so the block of
-// p that the copy brings into L1 is still there for the update.
-constexpr int64_t kStageBytes = 8192;
+// p that the copy brings into L1 is still there for the update. Measured on the 2-core Zen 4
+// machine (SAM step, 2000 x 4096 and ResNet-50 fp32): 2 KiB beats 512 B-1 KiB and 4-32 KiB by
+// 5-10%.
+constexpr int64_t kStageBytes = 2048;
 
 void check_list(const char* op, const char* name, at::TensorList xs) {
   check_tensor_list(op, name, xs, kCPU);
