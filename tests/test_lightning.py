@@ -1,7 +1,7 @@
 """The real lightning.Trainer on CPU: the optimizer and an LR scheduler come from
 configure_optimizers, automatic optimization calls optimizer.step(closure) (our closure
 contract), and the trained weights equal the same steps written by hand. Manual optimization
-(the recipe in docs/recipes.md) too."""
+(the recipe in the README, "PyTorch Lightning") too."""
 import pytest
 import torch
 from torch.optim.lr_scheduler import StepLR

@@ -152,7 +152,6 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self._set_device()
         # containers made here, outside any compiled region (see StepVar): their contents
         # change in steps
-        self._backups: Dict[torch.Tensor, torch.Tensor] = {}
         self._backup_lists: Dict[Tuple[int, ...], Tensors] = {}
         self._scratch_buffers: Dict[str, Dict[torch.Tensor, torch.Tensor]] = {}
         self._amp_views: List[_ScalerPass] = []  # one GradScaler key per pass of a step
@@ -261,6 +260,17 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         if keep_backup:
             self._perturbed = (perturbed_params, backups)
 
+    def _perturb_keeping_grads(self, name: str, rho: float, eps: float) -> Tensors:
+        """The first step of the algorithms that need the gradient at w again later (GSAM,
+        GAM): copy it into the persistent buffers `name`, then move to w + e along it with
+        radius `rho`. Returns the parameters that had a gradient."""
+        slots = self._slots_with_grads()
+        self._unscale_grads()
+        params = [p for s in slots for p in s.params]
+        torch._foreach_copy_(self._scratch(name, params), [g for s in slots for g in s.grads])
+        self._perturb(slots, self._weighted_sum_sq(slots), eps, rho=rho)
+        return params
+
     def _backups_for(self, params: Tensors) -> Tensors:
         """The persistent backup buffers of `params`, as one list cached per parameter list:
         checking every buffer each step costs more host time than the copy itself on lists of
@@ -268,17 +278,9 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         key = tuple(map(id, params))
         bufs = self._backup_lists.get(key)
         if bufs is None:
-            bufs = [self._backup_for(p) for p in params]
+            bufs = self._scratch("backup", params)
             self._backup_lists[key] = bufs
         return bufs
-
-    def _backup_for(self, p: torch.Tensor) -> torch.Tensor:
-        buf = self._backups.get(p)
-        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or \
-                buf.device != p.device or buf.stride() != p.stride():
-            buf = torch.empty_like(p, memory_format=torch.preserve_format)
-            self._backups[p] = buf
-        return buf
 
     @torch.no_grad()
     def _restore(self) -> None:

@@ -154,13 +154,8 @@ class GAM(ClosureMixin, SharpnessAwareOptimizer):
             check_finite(name, getattr(self, name))
         for name in ("grad_rho", "grad_norm_rho", "grad_gamma"):
             check_nonnegative(name, getattr(self, name))
-        slots = self._slots_with_grads()
-        self._unscale_grads()
-        params = [p for s in slots for p in s.params]
-        grads = [g for s in slots for g in s.grads]
-        torch._foreach_copy_(self._scratch("g0_then_m", params), grads)
-        self._perturb(slots, self._weighted_sum_sq(slots), self.perturb_eps, rho=self.grad_rho)
-        self._grad_params = params
+        self._grad_params = self._perturb_keeping_grads("g0_then_m", self.grad_rho,
+                                                        self.perturb_eps)
         self._stage = 1
         if zero_grad:
             self.zero_grad()

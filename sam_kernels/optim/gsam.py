@@ -123,13 +123,8 @@ class GSAM(ClosureMixin, SharpnessAwareOptimizer):
         self._check_groups()
         check_nonnegative("gsam_alpha", self.alpha)
         check_nonnegative("rho_t", self.rho_t)
-        slots = self._slots_with_grads()
-        self._unscale_grads()
-        params = [p for s in slots for p in s.params]
-        grads = [g for s in slots for g in s.grads]
-        torch._foreach_copy_(self._scratch("grad_at_w", params), grads)
-        self._perturb(slots, self._weighted_sum_sq(slots), self.perturb_eps, rho=self.rho_t)
-        self._grad_params = params
+        self._grad_params = self._perturb_keeping_grads("grad_at_w", self.rho_t,
+                                                        self.perturb_eps)
         if zero_grad:
             self.zero_grad()
 
