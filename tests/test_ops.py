@@ -272,6 +272,39 @@ def test_restore(backend_device, case):
     assert [p.data_ptr() for p in params] == ptrs, "restore_ must copy, not rebind storages"
 
 
+CPU_STREAMING_BYTES = 8 << 20  # csrc/cpu/multi_tensor_cpu.h kStreamingMinBytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=_dtype_name)
+def test_cpu_streaming_store_path_copies_exactly(dtype):
+    """Lists of >= 8 MiB take the CPU kernels' streaming-store path (backup in perturb_, params in
+    restore_): exact copies, also from and to views whose data is not 16-byte aligned."""
+    if "cpu" not in ops.available_backends("cpu"):
+        pytest.skip("the cpu backend is not built")
+    n = CPU_STREAMING_BYTES // torch.finfo(dtype).bits * 8 + 5
+
+    def misaligned(offset, fill=None):  # a dense view `offset` elements into its storage
+        base = torch.randn(n + offset, dtype=torch.float64).to(dtype)
+        return base[offset:] if fill is None else base[offset:].fill_(fill)
+
+    params = [misaligned(1), torch.randn(CPU_CHUNK + 1).to(dtype), torch.randn(3).to(dtype)]
+    dirs = [misaligned(2)] + make([Spec((CPU_CHUNK + 1,), dtype), Spec((3,), dtype)], "cpu")
+    backup = [misaligned(3, float("nan"))] + poisoned(
+        [Spec((CPU_CHUNK + 1,), dtype), Spec((3,), dtype)], "cpu")
+    before = clone_all(params)
+    sum_sq = torch.tensor(SUM_SQ, dtype=reduction_dtype([Spec((1,), dtype)]))
+    ops.perturb_(params, dirs, sum_sq, RHO, EPS, backup=backup, backend="cpu")
+    assert_bitwise_equal(backup, before, "streamed backup")
+    scale = RHO / (math.sqrt(SUM_SQ) + EPS)
+    pairs = list(zip(f64(before), f64(dirs)))
+    assert_close_list(params, [p + scale * d for p, d in pairs],
+                      [p.abs() + scale * d.abs() for p, d in pairs], "perturb_ params")
+    for p in params:
+        p.fill_(float("nan"))
+    ops.restore_(params, backup, backend="cpu")
+    assert_bitwise_equal(params, before, "streamed restore")
+
+
 # ---------------------------------------------------------------------------- orth_combine_
 GAMMA, ORTH_EPS = 0.7, 0.25
 

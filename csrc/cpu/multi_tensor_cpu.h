@@ -18,12 +18,7 @@
 #include <vector>
 
 #if defined(__SSE2__)
-#include <immintrin.h>
-#endif
-// 32-byte streaming stores need AVX, which the baseline x86-64 target lacks: compiled with a
-// target attribute and picked at run time.
-#if defined(__SSE2__) && defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define SAM_KERNELS_AVX_STREAMING 1
+#include <emmintrin.h>
 #endif
 
 namespace sam_kernels {
@@ -33,13 +28,13 @@ namespace cpu {
 // threads), and per-item costs (one atomic, one partial) are noise next to 256 KiB of fp32.
 constexpr int64_t kChunkElems = int64_t(1) << 16;
 
-// Stores to a list larger than this bypass the caches (streaming stores) in the kernels that
-// write a buffer without reading it (perturb_'s backup, restore_'s params): a normal store first
-// reads the line it overwrites, so streaming saves a third of such a copy's memory traffic. For
-// smaller lists the cached copy is faster (it is read back soon: restore_ reads the backup,
-// the base optimizer the params). Measured on a 2-core Zen 4 VM (32 MiB L3): cached stores win
-// at 4 MiB per list, streaming at 8 MiB and above.
-constexpr int64_t kStreamingMinBytes = int64_t(6) << 20;
+// Stores to a list of at least this many bytes bypass the caches (streaming stores) in the
+// kernels that write a buffer without reading it (perturb_'s backup, restore_'s params): a normal
+// store first reads the line it overwrites, so streaming saves a third of such a copy's memory
+// traffic. Smaller lists are better served by the cache (restore_ reads the backup back soon, the
+// base optimizer the params). Measured with the SAM step on the 2-core Zen 4 VM (32 MiB L3):
+// cached stores win up to 6 MiB per list, tie at 8 MiB, streaming wins by 9-12% from 10 MiB.
+constexpr int64_t kStreamingMinBytes = int64_t(8) << 20;
 
 struct Piece {
   int64_t tensor;  // index into the call's lists
@@ -64,13 +59,11 @@ class WorkPlan {
           fill = 0;
         }
       }
-      numel_ += n;
     }
     if (fill > 0) item_begin_.push_back(static_cast<int64_t>(pieces_.size()));
   }
 
   int64_t items() const { return static_cast<int64_t>(item_begin_.size()) - 1; }
-  int64_t numel() const { return numel_; }
 
   // Calls f(piece) for every piece of item k, in order.
   template <typename F>
@@ -82,7 +75,7 @@ class WorkPlan {
   template <typename F>
   void run(const F& item_fn) const {
     const int64_t n = items();
-    const int threads = std::min<int64_t>(at::get_num_threads(), n);
+    const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
     if (threads <= 1 || at::in_parallel_region()) {
       for (int64_t k = 0; k < n; ++k) item_fn(k);
       store_fence();
@@ -122,7 +115,6 @@ class WorkPlan {
  private:
   std::vector<Piece> pieces_;
   std::vector<int64_t> item_begin_;  // item k = pieces_[item_begin_[k], item_begin_[k + 1])
-  int64_t numel_ = 0;
 };
 
 // Raw data pointers of a list, read once on the calling thread (data_ptr() may materialise a
@@ -151,66 +143,26 @@ inline bool use_streaming_stores(at::TensorList written) {
   return total_bytes(written) >= kStreamingMinBytes;
 }
 
-namespace detail {
-#if defined(__SSE2__)
-// Streams `bytes` (a multiple of 64) from src to a 16-byte aligned dst, a cache line per step.
-inline void stream_lines_sse2(char* dst, const char* src, int64_t bytes) {
-  for (int64_t i = 0; i < bytes; i += 64) {
-    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 16));
-    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 32));
-    const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 48));
-    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), a);
-    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 16), b);
-    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 32), c);
-    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 48), d);
-  }
-}
-
-#if defined(SAM_KERNELS_AVX_STREAMING)
-// The same with 32-byte stores (dst 32-byte aligned): 20-25% faster than 16-byte ones on the
-// Zen 4 machine the kernels were tuned on.
-__attribute__((target("avx"))) inline void stream_lines_avx(char* dst, const char* src,
-                                                            int64_t bytes) {
-  for (int64_t i = 0; i < bytes; i += 64) {
-    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i + 32));
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i), a);
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i + 32), b);
-  }
-}
-#endif
-
-// The widest streaming stores this CPU has, and the destination alignment they need.
-struct LineStreamer {
-  uintptr_t align;
-  void (*stream)(char* dst, const char* src, int64_t bytes);
-};
-
-inline const LineStreamer& line_streamer() {
-#if defined(SAM_KERNELS_AVX_STREAMING)
-  static const LineStreamer streamer = __builtin_cpu_supports("avx")
-                                           ? LineStreamer{32, stream_lines_avx}
-                                           : LineStreamer{16, stream_lines_sse2};
-#else
-  static const LineStreamer streamer{16, stream_lines_sse2};
-#endif
-  return streamer;
-}
-#endif  // __SSE2__
-}  // namespace detail
-
-// memcpy, or with streaming stores (the unaligned ends copied normally).
+// memcpy, or with streaming stores (SSE2, 16 bytes each; the unaligned ends copied normally).
+// 32-byte AVX streaming stores were 1-3% faster in restore_ on the tuning machine: not worth a
+// run-time CPU dispatch.
 inline void copy_bytes(char* dst, const char* src, int64_t bytes, bool streaming) {
 #if defined(__SSE2__)
   if (streaming && bytes >= 128) {
-    const detail::LineStreamer& streamer = detail::line_streamer();
-    const uintptr_t misalign = reinterpret_cast<uintptr_t>(dst) & (streamer.align - 1);
-    const int64_t head = misalign ? static_cast<int64_t>(streamer.align - misalign) : 0;
-    const int64_t body = (bytes - head) & ~int64_t(63);
+    const int64_t head = (16 - (reinterpret_cast<uintptr_t>(dst) & 15)) & 15;
+    const int64_t end = head + ((bytes - head) & ~int64_t(63));
     std::memcpy(dst, src, head);
-    streamer.stream(dst + head, src + head, body);
-    std::memcpy(dst + head + body, src + head + body, bytes - head - body);
+    for (int64_t i = head; i < end; i += 64) {  // one cache line per step
+      const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 16));
+      const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 32));
+      const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 48));
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), a);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 16), b);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 32), c);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 48), d);
+    }
+    std::memcpy(dst + end, src + end, bytes - end);
     return;
   }
 #endif
