@@ -5,34 +5,10 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from sam_kernels import SAM
-
-
-# ----------------------------------------------------------------------------- a small model
-class TinyNet(torch.nn.Module):
-    """Conv + BatchNorm + Linear, plus a parameter that never gets a gradient."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 4, 3, bias=False)  # BN follows: a bias would get ~0 grads
-        self.bn = torch.nn.BatchNorm2d(4)
-        self.fc = torch.nn.Linear(4 * 4 * 4, 5)
-        self.unused = torch.nn.Parameter(torch.randn(3))
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
-
-
-def make_data(steps, dtype, device):
-    g = torch.Generator().manual_seed(7)
-    return [(torch.randn(8, 3, 6, 6, generator=g, dtype=dtype).to(device),
-             torch.randint(0, 5, (8,), generator=g).to(device)) for _ in range(steps)]
-
-
-def loss_fn(model, x, y):
-    return torch.nn.functional.cross_entropy(model(x), y)
+from small_model import OpCounter, TinyNet, loss_fn, make_data
+from small_model import params_of as _params
 
 
 def split_groups(model, rho, adaptive, eta):
@@ -152,10 +128,6 @@ def test_first_second_step_api_float32(backend_device):
 
 
 # ----------------------------------------------------------------------------- semantics
-def _params(*shapes, device="cpu"):
-    return [torch.nn.Parameter(torch.randn(*s, device=device)) for s in shapes]
-
-
 def test_step_returns_first_pass_loss_and_perturbs_at_the_right_point(backend_device):
     backend, device = backend_device
     w = _params((5,), device=device)[0]
@@ -389,16 +361,6 @@ def test_parameters_on_several_devices():
 
 
 # ----------------------------------------------------------------------------- dispatch counts
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 def _count_step_ops(n_tensors, backend, device, adaptive):
     ps = _params(*[(3 + i % 5, 2) for i in range(n_tensors)], device=device)
     opt = SAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9, foreach=True, adaptive=adaptive,

@@ -2,14 +2,17 @@
 issue's formulas (every criterion, both ways), the equalities with SAM and VaSSO, bad input,
 host reads and dispatch counts, checkpointing and a one-process torch.distributed group."""
 import copy
+import functools
 import math
 import warnings
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+import small_model
 from sam_kernels import SAM, VaSSO, VaSSORe, VaSSOReMu
+from small_model import OpCounter, loss_fn
+from small_model import params_of as _params
 
 CRITERIA = ("naive", "random", "gSAMflat", "gSAMsharp", "gSAMratio", "cosSim")
 # settings under which every criterion fires both ways within the 32 steps of the tests
@@ -34,28 +37,10 @@ def only_some_under_interpreter(backend, device, case, kept):
 
 
 # ----------------------------------------------------------------------------- a small model
-class TinyNet(torch.nn.Module):
-    """Conv + BatchNorm + Linear, plus a parameter that never gets a gradient."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(2, 3, 3, bias=False)
-        self.bn = torch.nn.BatchNorm2d(3)
-        self.fc = torch.nn.Linear(3 * 2 * 2, 4)
-        self.unused = torch.nn.Parameter(torch.randn(3))
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
-
-
-def make_data(steps, dtype, device):
-    g = torch.Generator().manual_seed(7)
-    return [(torch.randn(6, 2, 4, 4, generator=g, dtype=dtype).to(device),
-             torch.randint(0, 4, (6,), generator=g).to(device)) for _ in range(steps)]
-
-
-def loss_fn(model, x, y):
-    return torch.nn.functional.cross_entropy(model(x), y)
+# smaller than test_sam's: these tests run 32 steps for every criterion and backend
+SHAPE = dict(in_ch=2, size=4, n_out=4)
+TinyNet = functools.partial(small_model.TinyNet, channels=3, **SHAPE)
+make_data = functools.partial(small_model.make_data, batch=6, **SHAPE)
 
 
 def two_groups(model, adaptive=False):
@@ -309,10 +294,6 @@ def test_vassore_naive_k1_equals_vasso(backend_device):
 
 
 # ----------------------------------------------------------------------------- semantics
-def _params(*shapes, device="cpu", dtype=torch.float32):
-    return [torch.nn.Parameter(torch.randn(*s, device=device, dtype=dtype)) for s in shapes]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_two_steps_follow_the_formula_every_dtype(backend_device, dtype):
     """Step 1: d = g1; step 2: d = (1−θ)·g1 + θ·g2; w + e observed between the steps (lr = 0,
@@ -539,16 +520,6 @@ def test_set_closure_needs_model():
 
 
 # ----------------------------------------------------------------------------- host reads, ops
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 def _count_steps(cls, criterion, replicas, backend, device, steps=14):
     """Ops per step of first_step + second_step around given gradients (the passes are the
     user's), the decision taken inside the counted region. The parameters are `replicas`
