@@ -7,6 +7,7 @@ comparison on a small CNN.
     python bench/run.py --algos all --e2e-algos all --reps 20 --budget 6   # everything
     python bench/run.py --suite all --algos sam gsam
     python bench/run.py --quick                # tiny shapes, seconds (smoke test)
+    python bench/run.py --suite resnet50 --compile-anchor   # + the torch.compile anchor
 
 Writes bench/results/<machine>-<date>.json and a PNG plot next to it; prints the tables.
 See docs/bench.md for what each column means.
@@ -60,6 +61,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--e2e-warmup", type=int, default=5,
                     help="untimed steps first (VaSSORe with a gSAM criterion: at least 105, "
                          "past its 100 warm-up steps)")
+    ap.add_argument("--compile-anchor", action="store_true",
+                    help="also time the torch.compile anchor (foreach SAM/ASAM/GSAM step "
+                         "compiled with inductor) in child processes; see bench/compile_anchor.py")
+    ap.add_argument("--compile-budget", type=float, default=300.0,
+                    help="seconds a compile may take before its row says it did not finish")
+    ap.add_argument("--compile-suites", nargs="+", default=None,
+                    help="suites of the anchor rows (default: those of --suite)")
+    ap.add_argument("--compile-algos", nargs="+", default=None,
+                    help="algorithms of the anchor rows (default: those of --algos it "
+                         "expresses: sam, asam, gsam)")
     ap.add_argument("--no-verify", action="store_true",
                     help="skip the check that every implementation computes the same result")
     ap.add_argument("--quick", action="store_true",
@@ -150,6 +161,13 @@ def main(argv=None) -> dict:
                                     args.budget)
         results["suites"].append(suite)
         print(report.suite_table(suite) + "\n")
+
+    if args.compile_anchor:
+        from bench import compile_anchor
+        results["compile_anchor"] = compile_anchor.run_all(
+            args.compile_suites or args.suite, args.compile_algos or args.algos, str(device),
+            args.dtype, args.reps, args.budget, args.compile_budget, args.threads)
+        print(compile_anchor.table(results["compile_anchor"]) + "\n")
 
     if not args.no_e2e:
         results["e2e"] = e2e.run_e2e(

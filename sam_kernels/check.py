@@ -1,15 +1,19 @@
 """Self-check of this install: `python -m sam_kernels.check` — the first thing to run on a new
 GPU machine.
 
-With a CUDA GPU it runs every available GPU backend (triton, cuda) against the `reference`
-backend for every primitive and dtype on random data, then compares a few SAM/ASAM steps with
-the reference optimizer, and prints a PASS/FAIL table and a small timing table. Without a GPU it
-says so and checks the CPU backends the same way (cpu; triton when TRITON_INTERPRET=1). The exit
-status is 1 when any check fails.
+Every available backend is checked on the device it runs on — with a CUDA GPU the GPU backends
+(triton, cuda) on CUDA tensors and the `cpu` backend on CPU tensors; without one the CPU backends
+(cpu; triton when TRITON_INTERPRET=1) — against the `reference` backend for every primitive and
+dtype on random data, then a few SAM/ASAM steps are compared with the reference optimizer, and a
+PASS/FAIL table and a small timing table are printed. The exit status is 1 when any check fails
+or a backend asked for with --backend cannot run.
 
-Options: --backend NAME (repeatable) to check only some backends, --no-timing, --quick.
+Options: --backend NAME (repeatable) to check only some backends, --no-timing, --quick,
+--json PATH (the rows as JSON, for tools/gpu_check.sh).
 """
 import argparse
+import dataclasses
+import json
 import os
 import statistics
 import sys
@@ -42,6 +46,7 @@ class Result:
     variant: str    # dtype name
     passed: bool
     detail: str = ""
+    device: str = "cpu"
 
 
 # ---------------------------------------------------------------------------- op cases
@@ -211,7 +216,7 @@ def check_ops(backend: str, device: str) -> List[Result]:
                 ok, detail = _compare(case.run(mod, data.clone()), refs, atol)
             except Exception as exc:  # a crash is a failure of this row, not of the tool
                 ok, detail = False, f"{type(exc).__name__}: {exc}"
-            results.append(Result(backend, name, variant, ok, detail))
+            results.append(Result(backend, name, variant, ok, detail, device))
     return results
 
 
@@ -244,7 +249,7 @@ def check_optimizers(backend: str, device: str) -> List[Result]:
                                   _sam_steps("reference", device, adaptive))
         except Exception as exc:
             ok, detail = False, f"{type(exc).__name__}: {exc}"
-        results.append(Result(backend, name, "fp32", ok, detail))
+        results.append(Result(backend, name, "fp32", ok, detail, device))
     return results
 
 
@@ -333,13 +338,13 @@ def _block_sweep(data: Inputs, device: str, reps: int, out) -> None:
 
 
 # ---------------------------------------------------------------------------- report
-def _print_results(results: List[Result], device: str, out) -> None:
+def _print_results(results: List[Result], out) -> None:
     variants = list(DTYPES)
     out(f"\n{'backend':<9}{'device':<8}{'check':<20}" + "".join(f"{v:>7}" for v in variants))
-    rows: Dict[Tuple[str, str], Dict[str, Result]] = {}
+    rows: Dict[Tuple[str, str, str], Dict[str, Result]] = {}
     for r in results:
-        rows.setdefault((r.backend, r.check), {})[r.variant] = r
-    for (backend, check), by_variant in rows.items():
+        rows.setdefault((r.backend, r.device, r.check), {})[r.variant] = r
+    for (backend, device, check), by_variant in rows.items():
         cells = [("PASS" if by_variant[v].passed else "FAIL") if v in by_variant else "-"
                  for v in variants]
         out(f"{backend:<9}{device:<8}{check:<20}" + "".join(f"{c:>7}" for c in cells))
@@ -351,9 +356,12 @@ def _print_results(results: List[Result], device: str, out) -> None:
 def _environment(out) -> None:
     out(f"sam_kernels self-check: torch {torch.__version__}, python {sys.version.split()[0]}")
     if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        out(f"GPU: {props.name} (sm_{props.major}{props.minor}, "
-            f"{props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}")
+        try:
+            props = torch.cuda.get_device_properties(0)
+            out(f"GPU: {props.name} (sm_{props.major}{props.minor}, "
+                f"{props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}")
+        except Exception as exc:  # the report must not die describing the machine
+            out(f"GPU: (properties unavailable: {type(exc).__name__}: {exc})")
     try:
         import triton
         out(f"triton {triton.__version__}, TRITON_INTERPRET="
@@ -364,35 +372,55 @@ def _environment(out) -> None:
         out(f"  backend {name:<10} {status}")
 
 
+def _device_for(backend: str, gpu: bool) -> Optional[str]:
+    """Where `backend` is checked: on the GPU when it runs there, else on CPU tensors (the `cpu`
+    backend, and Triton under TRITON_INTERPRET=1), else nowhere (None)."""
+    for device in (("cuda", "cpu") if gpu else ("cpu",)):
+        if _registry.unavailable_reason(backend, device) is None:
+            return device
+    return None
+
+
 def run(backends: Optional[Sequence[str]] = None, timing: bool = True, reps: int = 50,
-        out: Callable[[str], None] = print) -> int:
-    """Run the checks and print the tables; returns the exit status (0: every check passed)."""
+        out: Callable[[str], None] = print, json_path: Optional[str] = None) -> int:
+    """Run the checks and print the tables; returns the exit status (0: every check passed).
+    Each backend is checked on the device it runs on, so `--backend cpu` checks the CPU kernels
+    on a GPU machine too."""
     _environment(out)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
+    gpu = torch.cuda.is_available()
+    if not gpu:
         out("\nNo CUDA GPU found: checking the CPU backends instead"
             + ("" if os.environ.get("TRITON_INTERPRET") == "1" else
                " (set TRITON_INTERPRET=1 to include the Triton kernels, interpreted)") + ".")
-    available = [b for b in _registry.available_backends(device) if b != "reference"]
-    chosen = available if backends is None else list(backends)
-    missing = [b for b in chosen if b not in available]
-    for b in missing:
-        out(f"backend {b!r} cannot run on {device} here: "
-            f"{_registry.unavailable_reason(b, device)}")
-    chosen = [b for b in chosen if b in available]
+    names = [b for b in ops.BACKENDS if b != "reference"] if backends is None else list(backends)
+    placed = {b: _device_for(b, gpu) for b in names}
+    missing = [b for b in names if placed[b] is None]
+    if backends is not None:  # only what was asked for and cannot run is an error
+        for b in missing:
+            natural = b if b in ("cpu", "cuda") else ("cuda" if gpu else "cpu")
+            out(f"backend {b!r} cannot run here: {_registry.unavailable_reason(b, natural)}")
+    else:
+        missing = []
+    chosen = [(b, placed[b]) for b in names if placed[b] is not None]
     if not chosen:
-        out(f"No backend besides 'reference' is available on {device}: nothing to check.")
+        out("No backend besides 'reference' is available here: nothing to check.")
         return 1
     results: List[Result] = []
-    for b in chosen:
+    for b, device in chosen:
         results += check_ops(b, device)
         results += check_optimizers(b, device)
-    _print_results(results, device, out)
+    _print_results(results, out)
     failed = sum(not r.passed for r in results)
     out(f"\n{len(results) - failed}/{len(results)} checks passed"
         + (f"; {len(missing)} requested backend(s) unavailable" if missing else ""))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"passed": not failed and not missing, "missing": missing,
+                       "rows": [dataclasses.asdict(r) for r in results]}, f, indent=1)
     if timing:
-        timing_table(["reference"] + chosen, device, reps, out)
+        for device in dict.fromkeys(d for _, d in chosen):
+            timing_table(["reference"] + [b for b, d in chosen if d == device], device, reps,
+                         out)
     return 1 if failed or missing else 0
 
 
@@ -405,8 +433,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "one")
     parser.add_argument("--no-timing", action="store_true", help="skip the timing table")
     parser.add_argument("--quick", action="store_true", help="fewer timing repetitions")
+    parser.add_argument("--json", metavar="PATH", help="also write the check rows as JSON")
     args = parser.parse_args(argv)
-    return run(args.backend, timing=not args.no_timing, reps=10 if args.quick else 50)
+    return run(args.backend, timing=not args.no_timing, reps=10 if args.quick else 50,
+               json_path=args.json)
 
 
 if __name__ == "__main__":

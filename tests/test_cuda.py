@@ -171,20 +171,65 @@ def test_misaligned_views_take_the_scalar_path(dtype):
     check_against_reference(aligned, x, y)
 
 
+# One launch's argument table holds 190 / 136 / 105 tensors at depth 1 / 2 / 3 (see
+# max_tensors_per_launch in csrc/cuda/multi_tensor_apply.cuh); a launch covers every chunk of its
+# tensors.
+MAX_TENSORS_PER_LAUNCH = {1: 190, 2: 136, 3: 105}
+
+
+def _kernel_launches(fn, name="multi_tensor_kernel"):
+    """CUDA kernels whose name contains `name` that `fn()` launched (from the profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if name in e.name and e.device_type.name == "CUDA")
+
+
 @requires_cuda
 def test_lists_longer_than_one_launch():
-    # 320 tensors (one launch carries at most 139 at depth 1, 69 at depth 3) and ~620 chunks
-    # (at most 320 per launch), so tensors continue across launches; mixed dtypes (one launch
-    # sequence per dtype) and every 7th tensor misaligned (the scalar path inside a list).
-    sizes = [1, 7, 4096, 65537, 3, 200_003, 0, 65536]
-    shapes = [(sizes[i % len(sizes)],) for i in range(320)]
+    # 4 dtypes x 230 tensors (~205 non-empty): every dtype group needs 2 launches at depths 1,
+    # 2 and 3, for every op. Sizes cycle with period 9 and misaligned copies with period 5 (both coprime
+    # with the 4 dtypes), so each dtype group gets every size, multi-chunk tensors (65537,
+    # 200_003, 131_073 elements) and misaligned tensors on both sides of its launch boundaries.
+    sizes = [1, 7, 4096, 65537, 3, 200_003, 0, 65536, 131_073]
+    n = 4 * 230
+    shapes = [(sizes[i % len(sizes)],) for i in range(n)]
     dtypes = [torch.float32, torch.bfloat16, torch.float64, torch.float16]
     x = random_list(shapes, dtypes, "cuda")
     y = random_list(shapes, dtypes, "cuda")
     index = iter(range(10**9))
-    mixed = lambda t: offset_copy(t) if next(index) % 7 == 0 else t.clone()  # noqa: E731
+    mixed = lambda t: offset_copy(t) if next(index) % 5 == 0 else t.clone()  # noqa: E731
     out = run_every_op(x, y, mixed, "cuda", "cuda")
     check_against_reference(out, x, y)
+    # the launches really split: per dtype group, ceil(non-empty tensors / table size)
+    per_group = [sum(1 for i in range(g, n, 4) if sizes[i % len(sizes)]) for g in range(4)]
+    expect = {d: sum(-(-k // MAX_TENSORS_PER_LAUNCH[d]) for k in per_group) for d in (1, 2, 3)}
+    assert min(expect.values()) >= 8
+    xs, ys = out["inputs_xs"], out["inputs_ys"]
+    assert _kernel_launches(lambda: ops.sum_sq(xs, backend="cuda")) == expect[1]
+    assert _kernel_launches(lambda: ops.axpby_(xs, ys, 1.0, 0.5, backend="cuda")) == expect[2]
+    backup = [torch.empty_like(t) for t in xs]
+    s = torch.tensor(SUM_SQ, device="cuda")
+    assert _kernel_launches(lambda: ops.perturb_(xs, ys, s, RHO, EPS, backup=backup,
+                                                 backend="cuda")) == expect[3]
+
+
+@requires_cuda
+def test_one_launch_covers_more_blocks_than_the_gpu_keeps_resident():
+    """200 tensors of 8 chunks (1600 blocks, more than 132 SMs x 4 blocks): one launch per
+    136 tensors at depth 2, not one per 320 blocks."""
+    x = random_list([(8 * 65536 - 3,)] * 200, [torch.float32], "cuda")
+    y = random_list([(8 * 65536 - 3,)] * 200, [torch.float32], "cuda")
+    assert _kernel_launches(lambda: ops.dot_sum_sq(x, y, backend="cuda")) == 2
+    got = ops.dot_sum_sq(x, y, backend="cuda")
+    expected = torch.stack([sum((a.double() * b.double()).sum() for a, b in zip(x, y)),
+                            sum(a.double().square().sum() for a in x),
+                            sum(b.double().square().sum() for b in y)])
+    scale = torch.stack([sum((a.double() * b.double()).abs().sum() for a, b in zip(x, y)),
+                         expected[1], expected[2]])
+    assert bool(((got.double() - expected).abs() <= SUM_TOL[False] * scale).all())
 
 
 @requires_cuda

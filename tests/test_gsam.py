@@ -450,7 +450,7 @@ def test_gsam_under_single_rank_ddp_matches_plain(gloo_group):
     opt = GSAM(ddp.parameters(), torch.optim.SGD, ddp, 0.2, rho=0.05, lr=0.05, momentum=0.9)
     plain = GSAM(plain_model.parameters(), torch.optim.SGD, plain_model, 0.2, rho=0.05,
                  lr=0.05, momentum=0.9)
-    assert opt._ddp_active() and not plain._ddp_active()
+    assert opt._dist.name == "ddp" and plain._dist.name == "single"
     for k in range(3):
         for o in (opt, plain):
             o.set_closure(loss_fn, *batches[k])

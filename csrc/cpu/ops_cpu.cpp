@@ -63,17 +63,16 @@ at::Tensor sum_sq(at::TensorList xs, at::TensorList weights, double eta) {
       SAM_KERNELS_DISPATCH(xs[c.tensor].scalar_type(), "sum_sq", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const scalar_t* x = span<scalar_t>(x_ptrs, c);
-        acc_t sum[1];
+        double sum[1];
         if (weighted) {
           const scalar_t* w = span<scalar_t>(w_ptrs, c);
           const acc_t e = static_cast<acc_t>(eta);
-          lane_sums<acc_t>(c.size, [&](int64_t i, acc_t* v) {
+          lane_sums<double>(c.size, [&](int64_t i, double* v) {
             v[0] = weighted_square<acc_t>(x[i], w[i], e);
           }, sum);
         } else {
-          lane_sums<acc_t>(c.size, [&](int64_t i, acc_t* v) {
-            const acc_t xi = x[i];
-            v[0] = xi * xi;
+          lane_sums<double>(c.size, [&](int64_t i, double* v) {
+            v[0] = square_sum_term(x[i]);
           }, sum);
         }
         out[0] += sum[0];
@@ -93,13 +92,12 @@ at::Tensor dot_sum_sq(at::TensorList a, at::TensorList b) {
   const auto totals = plan.sum_items<3>([&](int64_t k, double* out) {
     plan.for_each_piece(k, [&](const Piece& c) {
       SAM_KERNELS_DISPATCH(a[c.tensor].scalar_type(), "dot_sum_sq", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
         const scalar_t* x = span<scalar_t>(a_ptrs, c);
         const scalar_t* y = span<scalar_t>(b_ptrs, c);
-        acc_t sums[3];
-        lane_sums<acc_t>(c.size, [&](int64_t i, acc_t* v) {
-          const acc_t xi = x[i];
-          const acc_t yi = y[i];
+        double sums[3];
+        lane_sums<double>(c.size, [&](int64_t i, double* v) {
+          const double xi = static_cast<double>(x[i]);
+          const double yi = static_cast<double>(y[i]);
           v[0] = xi * yi;
           v[1] = xi * xi;
           v[2] = yi * yi;
@@ -122,6 +120,8 @@ void perturb_(at::TensorList params, at::TensorList dirs, const at::Tensor& sum_
     check_paired_lists("perturb_", "params", params, "backup", backup);
   }
   check_scalar_tensor("perturb_", "sum_sq", sum_sq, 1, kCPU);
+  check_no_overlap("perturb_", {{"params", params, true}, {"dirs", dirs, false},
+                                {"backup", backup, true}}, "sum_sq", &sum_sq);
   const double s2 = read_scalar(sum_sq, 0);
   const bool streaming = keep_backup && use_streaming_stores(backup);
   const WorkPlan plan(params);
@@ -132,8 +132,7 @@ void perturb_(at::TensorList params, at::TensorList dirs, const at::Tensor& sum_
     plan.for_each_piece(k, [&](const Piece& c) {
       SAM_KERNELS_DISPATCH(params[c.tensor].scalar_type(), "perturb_", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        const acc_t scale = perturb_scale<acc_t>(static_cast<acc_t>(s2), static_cast<acc_t>(rho),
-                                                 static_cast<acc_t>(eps));
+        const acc_t scale = static_cast<acc_t>(perturb_scale<double>(s2, rho, eps));
         const acc_t e = static_cast<acc_t>(eta);
         scalar_t* p = span<scalar_t>(p_ptrs, c);
         const scalar_t* d = span<scalar_t>(d_ptrs, c);
@@ -158,6 +157,7 @@ void restore_(at::TensorList params, at::TensorList backup) {
   check_list("restore_", "params", params);
   check_list("restore_", "backup", backup);
   check_paired_lists("restore_", "params", params, "backup", backup);
+  check_no_overlap("restore_", {{"params", params, true}, {"backup", backup, false}});
   const bool streaming = use_streaming_stores(params);
   const WorkPlan plan(params);
   const auto p_ptrs = data_pointers(params);
@@ -165,6 +165,7 @@ void restore_(at::TensorList params, at::TensorList backup) {
   plan.run([&](int64_t k) {
     plan.for_each_piece(k, [&](const Piece& c) {
       const int64_t item = params[c.tensor].element_size();
+      if (p_ptrs[c.tensor] == b_ptrs[c.tensor]) return;  // restored from itself: nothing to do
       copy_bytes(p_ptrs[c.tensor] + c.begin * item, b_ptrs[c.tensor] + c.begin * item,
                  c.size * item, streaming);
     });
@@ -177,6 +178,7 @@ void orth_combine_(at::TensorList d, at::TensorList m, const at::Tensor& stats, 
   check_list("orth_combine_", "m", m);
   check_paired_lists("orth_combine_", "d", d, "m", m);
   check_scalar_tensor("orth_combine_", "stats", stats, 3, kCPU);
+  check_no_overlap("orth_combine_", {{"d", d, true}, {"m", m, false}}, "stats", &stats);
   const double dot = read_scalar(stats, 0), m_sq = read_scalar(stats, 1),
                d_sq = read_scalar(stats, 2);
   const WorkPlan plan(d);
@@ -186,10 +188,7 @@ void orth_combine_(at::TensorList d, at::TensorList m, const at::Tensor& stats, 
     plan.for_each_piece(k, [&](const Piece& c) {
       SAM_KERNELS_DISPATCH(d[c.tensor].scalar_type(), "orth_combine_", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        const acc_t coef = orth_coefficient<acc_t>(static_cast<acc_t>(dot),
-                                                   static_cast<acc_t>(m_sq),
-                                                   static_cast<acc_t>(d_sq),
-                                                   static_cast<acc_t>(eps));
+        const acc_t coef = static_cast<acc_t>(orth_coefficient<double>(dot, m_sq, d_sq, eps));
         const acc_t g = static_cast<acc_t>(gamma);
         scalar_t* dp = span<scalar_t>(d_ptrs, c);
         const scalar_t* mp = span<scalar_t>(m_ptrs, c);
@@ -203,6 +202,7 @@ at::Tensor lerp_sum_sq_(at::TensorList ema, at::TensorList g, double theta) {
   check_list("lerp_sum_sq_", "ema", ema);
   check_list("lerp_sum_sq_", "g", g);
   check_paired_lists("lerp_sum_sq_", "ema", ema, "g", g);
+  check_no_overlap("lerp_sum_sq_", {{"ema", ema, true}, {"g", g, false}});
   const WorkPlan plan(ema);
   const auto e_ptrs = data_pointers(ema);
   const auto g_ptrs = const_data_pointers(g);
@@ -213,13 +213,12 @@ at::Tensor lerp_sum_sq_(at::TensorList ema, at::TensorList g, double theta) {
         const acc_t th = static_cast<acc_t>(theta);
         scalar_t* e = span<scalar_t>(e_ptrs, c);
         const scalar_t* gp = span<scalar_t>(g_ptrs, c);
-        acc_t sum[1];
-        lane_sums<acc_t>(c.size, [&](int64_t i, acc_t* v) {
+        double sum[1];
+        lane_sums<double>(c.size, [&](int64_t i, double* v) {
           // The norm is of the value as stored, so it matches the direction used afterwards.
           const scalar_t stored = static_cast<scalar_t>(lerped<acc_t>(e[i], gp[i], th));
           e[i] = stored;
-          const acc_t s = stored;
-          v[0] = s * s;
+          v[0] = square_sum_term(stored);
         }, sum);
         out[0] += sum[0];
       });
@@ -232,6 +231,7 @@ void axpby_(at::TensorList ys, at::TensorList xs, double a, double b) {
   check_list("axpby_", "ys", ys);
   check_list("axpby_", "xs", xs);
   check_paired_lists("axpby_", "ys", ys, "xs", xs);
+  check_no_overlap("axpby_", {{"ys", ys, true}, {"xs", xs, false}});
   const WorkPlan plan(ys);
   const auto y_ptrs = data_pointers(ys);
   const auto x_ptrs = const_data_pointers(xs);

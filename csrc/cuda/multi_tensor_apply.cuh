@@ -3,9 +3,11 @@
 //
 // A call gets up to kDepth paired tensor lists (tensor i of every list has the same dtype, shape
 // and strides). Each tensor is cut into chunks of kChunkElems elements; one thread block
-// processes one (tensor, chunk). The tensor addresses, sizes and the block -> (tensor, chunk) map
-// travel by value in the kernel arguments (TensorListMeta), so a launch needs no host->device
-// copy; when a list needs more slots than one argument block holds, the host launches again.
+// processes one (tensor, chunk). The tensor addresses, sizes and each tensor's last block travel
+// by value in the kernel arguments (TensorListMeta), so a launch needs no host->device copy; a
+// block finds its tensor by a binary search of those block ends, so one launch covers every
+// chunk of its tensors (no cap on the grid below the hardware's), and the host launches again
+// only when a list has more tensors than one argument block holds.
 // Tensors are grouped by dtype first (one instantiation per dtype), so a mixed fp32/bf16 list
 // is fine.
 //
@@ -51,10 +53,13 @@ constexpr int kWarpSize = 32;
 // 8 fp16/bf16 or 2 fp64 elements. The scalar path keeps the same number of elements in flight.
 constexpr int kVecBytes = 16;
 // Kernel arguments are limited to 4 KiB on every toolkit and GPU (CUDA >= 12.1 on Volta+ allows
-// 32 KiB, not used here: unmeasured). The table is sized to fit with room for the functor.
+// 32 KiB, not used here: every launch would copy the whole struct). The table is sized to fit
+// with room for the functor.
 constexpr int kArgBytes = 4096;
 constexpr int kFunctorArgBytes = 256;  // static_assert'ed per functor below
-constexpr int kMaxBlocksPerLaunch = 320;
+// Blocks of one launch: the grid's x limit. (A per-block map used to cap launches at 320
+// blocks, fewer than an H100/H200 keeps resident: 132 SMs x 4 blocks of 512 threads.)
+constexpr int64_t kMaxBlocksPerLaunch = 2147483647;
 
 template <typename T>
 constexpr int elems_per_vector() {
@@ -62,10 +67,9 @@ constexpr int elems_per_vector() {
 }
 
 constexpr int max_tensors_per_launch(int depth) {
-  // per tensor: `depth` addresses + its numel; per block: a uint8 tensor slot + an int32 chunk.
-  const int bytes = kArgBytes - kFunctorArgBytes - 2 * 8 - kMaxBlocksPerLaunch * 5;
-  const int fit = bytes / (8 * (depth + 1));
-  return fit < 256 ? fit : 256;  // block_to_tensor is a uint8
+  // per tensor: `depth` addresses, its numel and its block end; besides: first_block, n_tensors,
+  // the partials pointer and up to 8 bytes of padding (depth 1: 190 tensors, 2: 136, 3: 105).
+  return (kArgBytes - kFunctorArgBytes - 8 - 4 - 8 - 8) / (8 * (depth + 1) + 4);
 }
 
 // Kernel argument: what one launch processes.
@@ -73,11 +77,28 @@ template <int kDepth>
 struct TensorListMeta {
   static constexpr int kMaxTensors = max_tensors_per_launch(kDepth);
   int64_t first_block;  // index of this launch's block 0 among all blocks of the call (partials)
+  int32_t n_tensors;
   void* addresses[kDepth][kMaxTensors];
   int64_t numel[kMaxTensors];
-  int32_t block_to_chunk[kMaxBlocksPerLaunch];
-  uint8_t block_to_tensor[kMaxBlocksPerLaunch];
+  // blocks of slots 0..s together: slot s has blocks [block_end[s-1], block_end[s])
+  int32_t block_end[kMaxTensors];
 };
+
+// The slot of block `block`: the first s with block_end[s] > block (block_end increases).
+template <int kDepth>
+__device__ __forceinline__ int slot_of_block(const TensorListMeta<kDepth>& meta, int32_t block) {
+  int lo = 0;
+  int hi = meta.n_tensors - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (meta.block_end[mid] > block) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  return lo;
+}
 
 // ---- Device side --------------------------------------------------------------------------------
 
@@ -143,8 +164,10 @@ __global__ void __launch_bounds__(kBlockThreads)
     scalar_t v[kVec];
   };
 
-  const int slot = meta.block_to_tensor[blockIdx.x];
-  const int64_t begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkElems;
+  const int32_t block = static_cast<int32_t>(blockIdx.x);
+  const int slot = slot_of_block(meta, block);
+  const int32_t chunk = block - (slot > 0 ? meta.block_end[slot - 1] : 0);
+  const int64_t begin = static_cast<int64_t>(chunk) * kChunkElems;
   const int64_t remaining = meta.numel[slot] - begin;
   const int64_t n = remaining < kChunkElems ? remaining : kChunkElems;
   scalar_t* ptrs[kDepth];
@@ -310,20 +333,27 @@ void launch_group(const TensorLists<Op::kDepth>& lists, const std::vector<size_t
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   Meta meta;
-  meta.first_block = first_block;
   int tensors = 0;
-  int blocks = 0;
+  int64_t blocks = 0;
   auto launch = [&] {
-    multi_tensor_kernel<Op><<<blocks, kBlockThreads, 0, stream>>>(meta, op, partials);
+    meta.first_block = first_block;
+    meta.n_tensors = tensors;
+    multi_tensor_kernel<Op><<<static_cast<unsigned int>(blocks), kBlockThreads, 0, stream>>>(
+        meta, op, partials);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     first_block += blocks;
-    meta.first_block = first_block;
+    tensors = 0;
     blocks = 0;
   };
 
   for (const size_t i : indices) {
     const int64_t numel = lists[0][i].numel();
-    if (numel == 0) continue;
+    if (numel == 0) continue;  // no block: its (possibly null) address is never read
+    const int64_t chunks = (numel + kChunkElems - 1) / kChunkElems;
+    TORCH_CHECK(chunks <= kMaxBlocksPerLaunch, "sam_kernels: a tensor of ", numel,
+                " elements is larger than one CUDA launch covers (", kMaxBlocksPerLaunch,
+                " chunks of ", kChunkElems, ")");
+    if (blocks + chunks > kMaxBlocksPerLaunch) launch();
     for (int l = 0; l < kDepth; ++l) {
       // mutable_data_ptr for written lists (materializes lazily-cloned storage), const otherwise.
       meta.addresses[l][tensors] = Op::writes(l)
@@ -331,26 +361,11 @@ void launch_group(const TensorLists<Op::kDepth>& lists, const std::vector<size_t
                                        : const_cast<void*>(lists[l][i].const_data_ptr());
     }
     meta.numel[tensors] = numel;
-    ++tensors;
-    const int64_t chunks = (numel + kChunkElems - 1) / kChunkElems;
-    for (int64_t c = 0; c < chunks; ++c) {
-      meta.block_to_tensor[blocks] = static_cast<uint8_t>(tensors - 1);
-      meta.block_to_chunk[blocks] = static_cast<int32_t>(c);
-      ++blocks;
-      const bool last_chunk = c == chunks - 1;
-      if (blocks == kMaxBlocksPerLaunch || (tensors == Meta::kMaxTensors && last_chunk)) {
-        launch();
-        if (last_chunk) {
-          tensors = 0;
-        } else {  // the tensor continues in the next launch, in slot 0
-          for (int l = 0; l < kDepth; ++l) meta.addresses[l][0] = meta.addresses[l][tensors - 1];
-          meta.numel[0] = meta.numel[tensors - 1];
-          tensors = 1;
-        }
-      }
-    }
+    blocks += chunks;
+    meta.block_end[tensors] = static_cast<int32_t>(blocks);
+    if (++tensors == Meta::kMaxTensors) launch();
   }
-  if (blocks > 0) launch();
+  if (tensors > 0) launch();
 }
 
 // Runs the functor built by make_op(TypeTag<scalar_t>{}) over paired lists, one dtype group

@@ -29,24 +29,28 @@ struct DeviceScalars {
   __device__ double operator[](int i) const { return load_device_scalar(data, is_double, i); }
 };
 
+// The reductions' functors sum in double (acc_t, the harness's type of `sums`): every term is
+// squared in double (square_sum_term), so a finite fp32 gradient gives a finite norm; element
+// maths runs in math_t as in the other functors.
+
 // sum_sq. Lists: xs[, weights]. Σ x² or Σ ((|w| + eta) x)².
 template <typename T, bool kWeighted>
 struct SumSqOp : ReadsEveryList {
   using scalar_t = T;
-  using acc_t = at::opmath_type<T>;
+  using acc_t = double;
+  using math_t = at::opmath_type<T>;
   static constexpr int kDepth = kWeighted ? 2 : 1;
   static constexpr int kSums = 1;
   __host__ __device__ static constexpr bool writes(int) { return false; }
 
-  acc_t eta;
-  explicit SumSqOp(double eta) : eta(static_cast<acc_t>(eta)) {}
+  math_t eta;
+  explicit SumSqOp(double eta) : eta(static_cast<math_t>(eta)) {}
 
   __device__ void operator()(T (&x)[kDepth], acc_t (&sums)[kSums]) const {
     if constexpr (kWeighted) {
-      sums[0] += weighted_square<acc_t>(x[0], x[1], eta);
+      sums[0] += weighted_square<math_t>(x[0], x[1], eta);
     } else {
-      const acc_t v = x[0];
-      sums[0] += v * v;
+      sums[0] += square_sum_term(x[0]);
     }
   }
 };
@@ -55,14 +59,14 @@ struct SumSqOp : ReadsEveryList {
 template <typename T>
 struct DotSumSqOp : ReadsEveryList {
   using scalar_t = T;
-  using acc_t = at::opmath_type<T>;
+  using acc_t = double;
   static constexpr int kDepth = 2;
   static constexpr int kSums = 3;
   __host__ __device__ static constexpr bool writes(int) { return false; }
 
   __device__ void operator()(T (&x)[kDepth], acc_t (&sums)[kSums]) const {
-    const acc_t a = x[0];
-    const acc_t b = x[1];
+    const double a = static_cast<double>(x[0]);
+    const double b = static_cast<double>(x[1]);
     sums[0] += a * b;
     sums[1] += a * a;
     sums[2] += b * b;
@@ -80,19 +84,16 @@ struct PerturbOp {
   __device__ bool reads(int l) const { return l != 2; }
 
   DeviceScalars sum_sq;
-  acc_t rho, eps, eta;
+  double rho, eps;  // the scale is computed in double from the float64 sum (as on the CPU)
+  acc_t eta;
   bool adaptive;
   acc_t scale = 0;  // from sum_sq, set by load_scalars on the device
 
   PerturbOp(const at::Tensor& sum_sq, double rho, double eps, bool adaptive, double eta)
-      : sum_sq(sum_sq),
-        rho(static_cast<acc_t>(rho)),
-        eps(static_cast<acc_t>(eps)),
-        eta(static_cast<acc_t>(eta)),
-        adaptive(adaptive) {}
+      : sum_sq(sum_sq), rho(rho), eps(eps), eta(static_cast<acc_t>(eta)), adaptive(adaptive) {}
 
   __device__ void load_scalars() {
-    scale = perturb_scale<acc_t>(static_cast<acc_t>(sum_sq[0]), rho, eps);
+    scale = static_cast<acc_t>(perturb_scale<double>(sum_sq[0], rho, eps));
   }
   __device__ void operator()(T (&x)[kDepth], acc_t (&)[1]) const {
     if constexpr (kBackup) x[2] = x[0];
@@ -124,15 +125,15 @@ struct OrthCombineOp : ReadsEveryList {
   __host__ __device__ static constexpr bool writes(int l) { return l == 0; }
 
   DeviceScalars stats;
-  acc_t gamma, eps;
+  acc_t gamma;
+  double eps;  // the coefficient is computed in double from the float64 stats (as on the CPU)
   acc_t coef = 0;  // from stats, set by load_scalars on the device
 
   OrthCombineOp(const at::Tensor& stats, double gamma, double eps)
-      : stats(stats), gamma(static_cast<acc_t>(gamma)), eps(static_cast<acc_t>(eps)) {}
+      : stats(stats), gamma(static_cast<acc_t>(gamma)), eps(eps) {}
 
   __device__ void load_scalars() {
-    coef = orth_coefficient<acc_t>(static_cast<acc_t>(stats[0]), static_cast<acc_t>(stats[1]),
-                                   static_cast<acc_t>(stats[2]), eps);
+    coef = static_cast<acc_t>(orth_coefficient<double>(stats[0], stats[1], stats[2], eps));
   }
   __device__ void operator()(T (&x)[kDepth], acc_t (&)[1]) const {
     x[0] = static_cast<T>(orth_combined<acc_t>(x[0], x[1], gamma, coef));
@@ -144,18 +145,18 @@ struct OrthCombineOp : ReadsEveryList {
 template <typename T>
 struct LerpSumSqOp : ReadsEveryList {
   using scalar_t = T;
-  using acc_t = at::opmath_type<T>;
+  using acc_t = double;
+  using math_t = at::opmath_type<T>;
   static constexpr int kDepth = 2;
   static constexpr int kSums = 1;
   __host__ __device__ static constexpr bool writes(int l) { return l == 0; }
 
-  acc_t theta;
-  explicit LerpSumSqOp(double theta) : theta(static_cast<acc_t>(theta)) {}
+  math_t theta;
+  explicit LerpSumSqOp(double theta) : theta(static_cast<math_t>(theta)) {}
 
   __device__ void operator()(T (&x)[kDepth], acc_t (&sums)[kSums]) const {
-    x[0] = static_cast<T>(lerped<acc_t>(x[0], x[1], theta));
-    const acc_t stored = x[0];
-    sums[0] += stored * stored;
+    x[0] = static_cast<T>(lerped<math_t>(x[0], x[1], theta));
+    sums[0] += square_sum_term(x[0]);
   }
 };
 
@@ -222,6 +223,8 @@ void perturb_(at::TensorList params, at::TensorList dirs, const at::Tensor& sum_
     check_paired_lists("perturb_", "params", params, "backup", backup);
   }
   check_scalar("perturb_", "sum_sq", sum_sq, 1, device);
+  check_no_overlap("perturb_", {{"params", params, true}, {"dirs", dirs, false},
+                                {"backup", backup, true}}, "sum_sq", &sum_sq);
   const c10::cuda::CUDAGuard guard(device);
   if (keep_backup) {
     multi_tensor_apply<3>({params, dirs, backup}, [&](auto tag) {
@@ -239,6 +242,7 @@ void restore_(at::TensorList params, at::TensorList backup) {
   check_list("restore_", "params", params, device);
   check_list("restore_", "backup", backup, device);
   check_paired_lists("restore_", "params", params, "backup", backup);
+  check_no_overlap("restore_", {{"params", params, true}, {"backup", backup, false}});
   const c10::cuda::CUDAGuard guard(device);
   multi_tensor_apply<2>({params, backup}, [](auto tag) {
     return RestoreOp<tag_t<decltype(tag)>>();
@@ -252,6 +256,7 @@ void orth_combine_(at::TensorList d, at::TensorList m, const at::Tensor& stats, 
   check_list("orth_combine_", "m", m, device);
   check_paired_lists("orth_combine_", "d", d, "m", m);
   check_scalar("orth_combine_", "stats", stats, 3, device);
+  check_no_overlap("orth_combine_", {{"d", d, true}, {"m", m, false}}, "stats", &stats);
   const c10::cuda::CUDAGuard guard(device);
   multi_tensor_apply<2>({d, m}, [&](auto tag) {
     return OrthCombineOp<tag_t<decltype(tag)>>(stats, gamma, eps);
@@ -263,6 +268,7 @@ at::Tensor lerp_sum_sq_(at::TensorList ema, at::TensorList g, double theta) {
   check_list("lerp_sum_sq_", "ema", ema, device);
   check_list("lerp_sum_sq_", "g", g, device);
   check_paired_lists("lerp_sum_sq_", "ema", ema, "g", g);
+  check_no_overlap("lerp_sum_sq_", {{"ema", ema, true}, {"g", g, false}});
   const c10::cuda::CUDAGuard guard(device);
   return multi_tensor_reduce<1, 2>(device, {ema, g}, [&](auto tag) {
     return LerpSumSqOp<tag_t<decltype(tag)>>(theta);
@@ -274,6 +280,7 @@ void axpby_(at::TensorList ys, at::TensorList xs, double a, double b) {
   check_list("axpby_", "ys", ys, device);
   check_list("axpby_", "xs", xs, device);
   check_paired_lists("axpby_", "ys", ys, "xs", xs);
+  check_no_overlap("axpby_", {{"ys", ys, true}, {"xs", xs, false}});
   const c10::cuda::CUDAGuard guard(device);
   multi_tensor_apply<2>({ys, xs}, [&](auto tag) {
     return AxpbyOp<tag_t<decltype(tag)>>(a, b);

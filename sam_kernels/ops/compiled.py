@@ -15,45 +15,65 @@ def _ops():
     return torch.ops.sam_kernels
 
 
-# A call whose lists are all empty holds no tensor for the dispatcher to pick a kernel from: the
-# reference backend validates it the same way and returns the (zero) result.
+# Before the dispatcher sees the arguments: types (it would raise a RuntimeError that names no
+# argument), and lists the op only reads re-laid out where their memory order differs from the
+# first list's (see _checks.aligned). A call whose lists are all empty holds no tensor for the
+# dispatcher to pick a kernel from: the reference backend validates it the same way and returns
+# the (zero) result. Writes to tensors that require grad are refused here as on every backend
+# (the C++ Autograd kernel refuses leaves too, for direct torch.ops calls); the version counters
+# and every value check are the C++ ops' (csrc/register.cpp, list_checks.h).
 def sum_sq(xs: Tensors, weights: Tensors, eta: float) -> torch.Tensor:
+    _checks.check_types("sum_sq", [("xs", xs), ("weights", weights)])
     if not xs:
         return reference.sum_sq(xs, weights, eta)
-    return _ops().sum_sq(xs, weights, eta)
+    return _ops().sum_sq(xs, _checks.aligned(xs, weights) if weights else weights, eta)
 
 
 def dot_sum_sq(a: Tensors, b: Tensors) -> torch.Tensor:
+    _checks.check_types("dot_sum_sq", [("a", a), ("b", b)])
     if not a:
         return reference.dot_sum_sq(a, b)
-    return _ops().dot_sum_sq(a, b)
+    return _ops().dot_sum_sq(a, _checks.aligned(a, b))
 
 
 def perturb_(params: Tensors, dirs: Tensors, sum_sq: torch.Tensor, rho: float, eps: float,
              adaptive: bool, eta: float, backup: Tensors) -> None:
-    _ops().perturb_(params, dirs, sum_sq, rho, eps, adaptive, eta, backup)
+    _checks.check_types("perturb_", [("params", params), ("dirs", dirs), ("backup", backup)],
+                        ("sum_sq", sum_sq, 1))
+    _checks.check_grad_mode("perturb_", [("params", params), ("dirs", dirs), ("backup", backup)],
+                            ("sum_sq", sum_sq))
+    _ops().perturb_(params, _checks.aligned(params, dirs), sum_sq, rho, eps, adaptive, eta,
+                    backup)
 
 
 def restore_(params: Tensors, backup: Tensors) -> None:
+    _checks.check_types("restore_", [("params", params), ("backup", backup)])
+    _checks.check_grad_mode("restore_", [("params", params), ("backup", backup)])
     if not params:
         return reference.restore_(params, backup)
-    _ops().restore_(params, backup)
+    _ops().restore_(params, _checks.aligned(params, backup))
 
 
 def orth_combine_(d: Tensors, m: Tensors, stats: torch.Tensor, gamma: float, eps: float) -> None:
-    _ops().orth_combine_(d, m, stats, gamma, eps)
+    _checks.check_types("orth_combine_", [("d", d), ("m", m)], ("stats", stats, 3))
+    _checks.check_grad_mode("orth_combine_", [("d", d), ("m", m)], ("stats", stats))
+    _ops().orth_combine_(d, _checks.aligned(d, m), stats, gamma, eps)
 
 
 def lerp_sum_sq_(ema: Tensors, g: Tensors, theta: float) -> torch.Tensor:
+    _checks.check_types("lerp_sum_sq_", [("ema", ema), ("g", g)])
+    _checks.check_grad_mode("lerp_sum_sq_", [("ema", ema), ("g", g)])
     if not ema:
         return reference.lerp_sum_sq_(ema, g, theta)
-    return _ops().lerp_sum_sq_(ema, g, theta)
+    return _ops().lerp_sum_sq_(ema, _checks.aligned(ema, g), theta)
 
 
 def axpby_(ys: Tensors, xs: Tensors, a: float, b: float) -> None:
+    _checks.check_types("axpby_", [("ys", ys), ("xs", xs)])
+    _checks.check_grad_mode("axpby_", [("ys", ys), ("xs", xs)])
     if not ys:
         return reference.axpby_(ys, xs, a, b)
-    _ops().axpby_(ys, xs, a, b)
+    _ops().axpby_(ys, _checks.aligned(ys, xs), a, b)
 
 
 def _reduction(xs: Tensors, shape) -> torch.Tensor:

@@ -1,10 +1,16 @@
-"""The reference backend: every primitive in plain PyTorch with `torch._foreach_*` ops.
+"""The reference backend: every primitive in plain PyTorch (`torch._foreach_*` for element-wise
+work).
 
 It runs on any device, is the fallback when no compiled kernel exists, and is the oracle the
 other backends are tested against. It follows the compiled kernels' precision rules: element
 maths in fp32 for fp32/fp16/bf16 tensors (fp16/bf16 are upcast to fp32 work copies and rounded
-once when stored), in fp64 for fp64; sums in the same accumulation type. Results agree with the
-compiled backends to rounding, not bitwise (the summation order differs).
+once when stored), in fp64 for fp64; every term of a reduction squared (or multiplied) and
+summed in fp64, and the result is float64. Results agree with the compiled backends to
+rounding, not bitwise (the summation order differs).
+
+Reductions are thread-count independent: each tensor is cut, in memory order, into rows of
+`ROW` elements (fewer than torch's parallel grain, so each row is summed by one thread in a fixed
+order) and the row sums are added in a fixed order; the result depends only on the shapes.
 """
 from collections import defaultdict
 from typing import Dict, List, Sequence
@@ -16,6 +22,10 @@ from . import _checks
 Tensors = Sequence[torch.Tensor]
 
 _HALF = (torch.float16, torch.bfloat16)
+_F64 = torch.float64
+#: Elements per row of a fixed-order sum: below at::internal::GRAIN_SIZE (32768), so torch sums
+#: one row on one thread; a reduction over many rows is split across threads by rows only.
+ROW = 16384
 
 
 def _by_dtype(xs: Tensors) -> Dict[torch.dtype, List[int]]:
@@ -45,18 +55,51 @@ def _store(xs: List[torch.Tensor], work: List[torch.Tensor]) -> None:
         torch._foreach_copy_(xs, work)
 
 
-def _sum_of_squares(xs: List[torch.Tensor], out: torch.Tensor) -> None:
-    if xs:
-        norms = torch._foreach_norm(xs, 2, dtype=_acc(xs[0].dtype))
-        out.add_(torch.stack(norms).to(out.dtype).square().sum())
+# ---------------------------------------------------------------------------- fixed-order sums
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """The elements of a dense tensor in memory order, as a 1-d view."""
+    return t.as_strided((t.numel(),), (1,))
 
 
+def _row_sums(terms: torch.Tensor) -> torch.Tensor:
+    """Sums of a 1-d float64 tensor's ROW-element rows (the last one shorter)."""
+    n = terms.numel()
+    full = n // ROW * ROW
+    parts = [terms[:full].view(-1, ROW).sum(1)] if full else []
+    if full < n:
+        parts.append(terms[full:].sum().reshape(1))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _fixed_sum(parts: List[torch.Tensor], out: torch.Tensor) -> None:
+    """out += the sum of the 1-d float64 `parts`, added in a fixed order."""
+    if not parts:
+        return
+    v = torch.cat(parts) if len(parts) > 1 else parts[0]
+    while v.numel() > 1:
+        v = _row_sums(v)
+    out.add_(v.reshape(()))
+
+
+def _sq_terms(t: torch.Tensor) -> torch.Tensor:
+    x = _flat(t).to(_F64)
+    return x * x
+
+
+def _sum_of_squares(xs: Sequence[torch.Tensor], out: torch.Tensor) -> None:
+    _fixed_sum([_row_sums(_sq_terms(t)) for t in xs if t.numel()], out)
+
+
+# ---------------------------------------------------------------------------- primitives
 def sum_sq(xs: Tensors, weights: Tensors, eta: float) -> torch.Tensor:
+    _checks.check_types("sum_sq", [("xs", xs), ("weights", weights)])
+    weights = _checks.aligned(xs, weights) if weights else weights
     _checks.check_sum_sq(xs, weights)
-    out = torch.zeros((), dtype=_checks.reduction_dtype(xs), device=xs[0].device if xs else None)
+    out = torch.zeros((), dtype=_F64, device=xs[0].device if xs else None)
     for idx in _by_dtype(xs).values():
         group = [xs[i] for i in idx]
         if weights:
+            # (|w| + eta) · x in the element type (as the kernels), squared in fp64
             scaled = torch._foreach_abs(_upcast([weights[i] for i in idx]))
             torch._foreach_add_(scaled, eta)
             torch._foreach_mul_(scaled, _upcast(group))
@@ -66,24 +109,35 @@ def sum_sq(xs: Tensors, weights: Tensors, eta: float) -> torch.Tensor:
 
 
 def dot_sum_sq(a: Tensors, b: Tensors) -> torch.Tensor:
+    _checks.check_types("dot_sum_sq", [("a", a), ("b", b)])
+    b = _checks.aligned(a, b)
     _checks.check_dot_sum_sq(a, b)
-    dtype = _checks.reduction_dtype(a)
-    out = torch.zeros(3, dtype=dtype, device=a[0].device if a else None)
-    for idx in _by_dtype(a).values():
-        ga, gb = [a[i] for i in idx], [b[i] for i in idx]
-        acc = _acc(ga[0].dtype)
-        # Signed sum with foreach ops only: sum(ab) = |max(ab, 0)|_1 - |min(ab, 0)|_1.
-        prods = torch._foreach_mul(_upcast(ga), _upcast(gb))
-        pos = torch._foreach_norm(torch._foreach_clamp_min(prods, 0.0), 1, dtype=acc)
-        neg = torch._foreach_norm(torch._foreach_clamp_max(prods, 0.0), 1, dtype=acc)
-        out[0] += (torch.stack(pos).sum() - torch.stack(neg).sum()).to(dtype)
-        _sum_of_squares(ga, out[1])
-        _sum_of_squares(gb, out[2])
+    out = torch.zeros(3, dtype=_F64, device=a[0].device if a else None)
+    dots, a_sq, b_sq = [], [], []
+    for x, y in zip(a, b):
+        if x.numel():
+            xf, yf = _flat(x).to(_F64), _flat(y).to(_F64)
+            dots.append(_row_sums(xf * yf))
+            a_sq.append(_row_sums(xf * xf))
+            b_sq.append(_row_sums(yf * yf))
+    for k, parts in enumerate((dots, a_sq, b_sq)):
+        _fixed_sum(parts, out[k])
     return out
+
+
+def _scale(sum_sq: torch.Tensor, rho: float, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """rho / (√sum_sq + eps) computed in fp64 (sum_sq may exceed fp32's range), then rounded to
+    the element type's accumulation type, as the kernels do."""
+    return (rho / (sum_sq.reshape(()).to(_F64).sqrt() + eps)).to(_acc(dtype))
 
 
 def perturb_(params: Tensors, dirs: Tensors, sum_sq: torch.Tensor, rho: float, eps: float,
              adaptive: bool, eta: float, backup: Tensors) -> None:
+    _checks.check_types("perturb_", [("params", params), ("dirs", dirs), ("backup", backup)],
+                        ("sum_sq", sum_sq, 1))
+    _checks.check_grad_mode("perturb_", [("params", params), ("dirs", dirs), ("backup", backup)],
+                            ("sum_sq", sum_sq))
+    dirs = _checks.aligned(params, dirs)
     _checks.check_perturb(params, dirs, sum_sq, backup)
     if not params:
         return
@@ -93,7 +147,7 @@ def perturb_(params: Tensors, dirs: Tensors, sum_sq: torch.Tensor, rho: float, e
         p = [params[i] for i in idx]
         work = _upcast(p)
         d = _upcast([dirs[i] for i in idx])
-        scale = rho / (sum_sq.reshape(()).to(_acc(p[0].dtype)).sqrt() + eps)
+        scale = _scale(sum_sq, rho, eps, p[0].dtype)
         if adaptive:
             t = torch._foreach_abs(work)
             torch._foreach_add_(t, eta)
@@ -105,20 +159,35 @@ def perturb_(params: Tensors, dirs: Tensors, sum_sq: torch.Tensor, rho: float, e
 
 
 def restore_(params: Tensors, backup: Tensors) -> None:
+    _checks.check_types("restore_", [("params", params), ("backup", backup)])
+    _checks.check_grad_mode("restore_", [("params", params), ("backup", backup)])
+    backup = _checks.aligned(params, backup)
     _checks.check_restore(params, backup)
-    if params:
-        torch._foreach_copy_(list(params), list(backup))
+    # a tensor restored from itself is left as it is (copy_ of a tensor onto itself is a no-op)
+    pairs = [(p, b) for p, b in zip(params, backup) if not (p.data_ptr() == b.data_ptr() and
+                                                            p.numel())]
+    if pairs:
+        torch._foreach_copy_([p for p, _ in pairs], [b for _, b in pairs])
+
+
+def _coefficient(stats: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """c = cos · ‖m‖ / (‖d‖ + eps) from stats in fp64 (the sums may exceed fp32's range), then
+    rounded to the element type's accumulation type, as the kernels do."""
+    s = stats.to(_F64)
+    m_norm, d_norm = s[1].sqrt(), s[2].sqrt()
+    cos = s[0] / (m_norm * d_norm + eps)
+    return (cos * m_norm / (d_norm + eps)).to(_acc(dtype))
 
 
 def orth_combine_(d: Tensors, m: Tensors, stats: torch.Tensor, gamma: float, eps: float) -> None:
+    _checks.check_types("orth_combine_", [("d", d), ("m", m)], ("stats", stats, 3))
+    _checks.check_grad_mode("orth_combine_", [("d", d), ("m", m)], ("stats", stats))
+    m = _checks.aligned(d, m)
     _checks.check_orth_combine(d, m, stats)
     for idx in _by_dtype(d).values():
         gd = [d[i] for i in idx]
         work = _upcast(gd)
-        s = stats.to(_acc(gd[0].dtype))
-        m_norm, d_norm = s[1].sqrt(), s[2].sqrt()
-        cos = s[0] / (m_norm * d_norm + eps)
-        coef = cos * m_norm / (d_norm + eps)
+        coef = _coefficient(stats, eps, gd[0].dtype)
         # d - gamma * (m - c * d) == (1 + gamma * c) * d - gamma * m
         torch._foreach_mul_(work, 1 + gamma * coef)
         torch._foreach_add_(work, _upcast([m[i] for i in idx]), alpha=-gamma)
@@ -126,19 +195,25 @@ def orth_combine_(d: Tensors, m: Tensors, stats: torch.Tensor, gamma: float, eps
 
 
 def lerp_sum_sq_(ema: Tensors, g: Tensors, theta: float) -> torch.Tensor:
+    _checks.check_types("lerp_sum_sq_", [("ema", ema), ("g", g)])
+    _checks.check_grad_mode("lerp_sum_sq_", [("ema", ema), ("g", g)])
+    g = _checks.aligned(ema, g)
     _checks.check_lerp_sum_sq(ema, g)
-    out = torch.zeros((), dtype=_checks.reduction_dtype(ema), device=ema[0].device if ema else None)
+    out = torch.zeros((), dtype=_F64, device=ema[0].device if ema else None)
     for idx in _by_dtype(ema).values():
         ge = [ema[i] for i in idx]
         work = _upcast(ge)
         torch._foreach_mul_(work, 1.0 - theta)
         torch._foreach_add_(work, _upcast([g[i] for i in idx]), alpha=theta)
         _store(ge, work)
-        _sum_of_squares(ge, out)  # of the stored (rounded) values, as the kernels do
+    _sum_of_squares(ema, out)  # of the stored (rounded) values, as the kernels do
     return out
 
 
 def axpby_(ys: Tensors, xs: Tensors, a: float, b: float) -> None:
+    _checks.check_types("axpby_", [("ys", ys), ("xs", xs)])
+    _checks.check_grad_mode("axpby_", [("ys", ys), ("xs", xs)])
+    xs = _checks.aligned(ys, xs)
     _checks.check_axpby(ys, xs)
     for idx in _by_dtype(ys).values():
         gy = [ys[i] for i in idx]

@@ -4,5 +4,10 @@ from .sam import SAM
 from .gsam import GSAM
 from .gam import GAM
 from .vasso import VaSSO, VaSSORe, VaSSOReMu
+from .looksam import LookSAM
+from .friendly_sam import FriendlySAM
+from .msam import MomentumSAM
+from .sam_on import sam_on_param_groups
 
-__all__ = ["SharpnessAwareOptimizer", "SAM", "GSAM", "GAM", "VaSSO", "VaSSORe", "VaSSOReMu"]
+__all__ = ["SharpnessAwareOptimizer", "SAM", "GSAM", "GAM", "VaSSO", "VaSSORe", "VaSSOReMu",
+           "LookSAM", "FriendlySAM", "MomentumSAM", "sam_on_param_groups"]

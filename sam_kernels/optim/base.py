@@ -19,6 +19,9 @@ The contract a step follows, whatever the algorithm (see SAM for the pattern):
 import contextlib
 import copy
 import math
+import numbers
+import warnings
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
@@ -27,28 +30,43 @@ import torch
 
 from .. import bn
 from ..ops import _registry
+from . import distributed
+from .distributed import all_reduce_grads_, find_ddp  # noqa: F401  (re-exported)
 
 Tensors = List[torch.Tensor]
 
 
 @dataclass
 class GradSlots:
-    """The parameters of one param group that have a gradient, with those gradients."""
+    """The parameters of one param group that have a gradient, with those gradients.
+
+    `params` are the parameter objects (keys of `state` and of the scratch buffers); `grads`
+    and `locals` the tensors the kernels work on: the gradients and parameters themselves, or
+    their local shards when the parameters are sharded DTensors (FSDP2). `locals=None`: the
+    optimizer derives them from `params`."""
     group: Dict[str, Any]
     params: Tensors
     grads: Tensors
+    locals: Optional[Tensors] = None
+
+
+def _check_real(name: str, value: Any, ok: Callable[[float], bool], rule: str) -> None:
+    """Hyper-parameters are real numbers: Python ints/floats and numpy scalars (anything
+    `numbers.Real` but bool). Tensors are refused: reading one would be a host sync."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"Invalid {name} value: {value!r} (a {type(value).__module__}."
+                         f"{type(value).__qualname__}; must be a real number {rule}, e.g. a "
+                         f"Python float)")
+    if not math.isfinite(value) or not ok(value):
+        raise ValueError(f"Invalid {name} value: {value!r} (must be a finite number {rule})")
 
 
 def check_nonnegative(name: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0 \
-            or not math.isfinite(value):
-        raise ValueError(f"Invalid {name} value: {value!r} (must be a finite number >= 0)")
+    _check_real(name, value, lambda v: v >= 0, ">= 0")
 
 
 def check_positive(name: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 \
-            or not math.isfinite(value):
-        raise ValueError(f"Invalid {name} value: {value!r} (must be a finite number > 0)")
+    _check_real(name, value, lambda v: v > 0, "> 0")
 
 
 class StepVar:
@@ -105,20 +123,30 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     _amp_passes = StepVar(0)  # passes unscaled in the current step
     _amp_snapshot = StepVar()  # guarded state copied at the start of an AMP step
     _opt_called = StepVar(False)  # read by torch LR schedulers
+    _backward_seen = StepVar(False)  # a backward accumulated gradients since the last step
+    #: steps skipped for inf/NaN gradients (GradScaler or skip_nonfinite): a device tensor
+    #: (no host read; `int(opt.skipped_steps)`), None before the first guarded step
+    skipped_steps = StepVar()
     #: L2 norm of the last final gradient before clipping (a device tensor; with
     #: max_grad_norm only)
     last_grad_norm = StepVar()
+    #: L(w + e) − L(w) of the last step(closure) that ran both passes and whose closure
+    #: returned losses (a device tensor, no host read; GSAM's surrogate gap), else None
+    last_surrogate_gap = StepVar()
 
     def __init__(self, params: Iterable, base_optimizer: Any, defaults: Dict[str, Any], *,
                  backend: str = "auto", model: Optional[torch.nn.Module] = None,
                  base_kwargs: Optional[Dict[str, Any]] = None,
                  grad_scaler: Optional[torch.amp.GradScaler] = None,
-                 max_grad_norm: Optional[float] = None) -> None:
+                 max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False) -> None:
         self.__dict__.setdefault("_step_vars", {})  # made here, outside any compiled region
         _registry.validate_name(backend)
         base_kwargs = dict(base_kwargs or {})
         grad_scaler = base_kwargs.pop("grad_scaler", grad_scaler)
         max_grad_norm = base_kwargs.pop("max_grad_norm", max_grad_norm)
+        skip_nonfinite = base_kwargs.pop("skip_nonfinite", skip_nonfinite)
+        if not isinstance(skip_nonfinite, bool):
+            raise TypeError(f"skip_nonfinite must be True or False, got {skip_nonfinite!r}")
         if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
             raise TypeError(f"grad_scaler must be a torch.amp.GradScaler (or None), got "
                             f"{grad_scaler!r}")
@@ -140,14 +168,17 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                             f"instance, got {base_optimizer!r}")
         self.base_optimizer = base_optimizer
         self.param_groups = base_optimizer.param_groups  # one list of shared group dicts
+        for group in self.param_groups:
+            _dedupe(group)
         self.defaults.update(base_optimizer.defaults)
         self.backend = backend
         self.model = model
-        # looked up once: inside a compiled step, walking the model's wrappers again trips
-        # dynamo (the same module reached through two sources)
-        self._ddp_module = find_ddp(model)
+        # chosen once: inside a compiled step, walking the model's wrappers again trips dynamo
+        # (the same module reached through two sources)
+        self._dist = distributed.choose(_all_params(self.param_groups), model)
         self.grad_scaler = grad_scaler
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.skip_nonfinite = skip_nonfinite
         self._check_groups()
         self._set_device()
         # containers made here, outside any compiled region (see StepVar): their contents
@@ -155,6 +186,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self._backup_lists: Dict[Tuple[int, ...], Tensors] = {}
         self._scratch_buffers: Dict[str, Dict[torch.Tensor, torch.Tensor]] = {}
         self._amp_views: List[_ScalerPass] = []  # one GradScaler key per pass of a step
+        self._nonfinite_flags: Tensors = []  # per-pass flags of a skip_nonfinite step
+        self._watch_backward(self.param_groups)
 
     # ------------------------------------------------------------------ validation
     def _check_groups(self) -> None:
@@ -164,18 +197,58 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         if not hasattr(self, "base_optimizer"):  # during torch.optim.Optimizer.__init__
-            return super().add_param_group(param_group)
+            super().add_param_group(param_group)
+            _dedupe(self.param_groups[-1])
+            return
         for key, value in self.defaults.items():
             param_group.setdefault(key, value)
+        n = len(self.param_groups)
         self.base_optimizer.add_param_group(param_group)
-        self._check_groups()
-        self._set_device()
+        # validated with the new group in place (subclasses check every group), and taken out
+        # again if anything is wrong: a rejected group must not stay in the shared list
+        try:
+            _dedupe(self.param_groups[-1])
+            self._check_groups()
+            device, backend_module = self._resolve_device()
+            strategy = distributed.choose(_all_params(self.param_groups), self.model)
+        except BaseException:
+            del self.param_groups[n:]
+            raise
+        self._device, self._backend_module, self._dist = device, backend_module, strategy
+        self._watch_backward(self.param_groups[n:])
 
     def _set_device(self) -> None:
-        self._device = _single_device(self.param_groups)
+        self._device, self._backend_module = self._resolve_device()
+
+    def _resolve_device(self):
+        device = _single_device(self.param_groups)
         # resolved once, not per step: keeps the step free of host-side lookups that
         # torch.compile cannot trace
-        self._backend_module = _registry.resolve(self.backend, self._device or "cpu")
+        return device, _registry.resolve(self.backend, device or "cpu")
+
+    def _watch_backward(self, groups) -> None:
+        """A hook on one parameter per group notes a backward pass that accumulates into its
+        gradient, so that `step(closure)` can tell when the caller already ran pass 1 itself
+        (see `_require_closure`). Sharded parameters get their gradients from FSDP, not from
+        autograd accumulation: no hook fires there, and nothing is refused."""
+        ref = weakref.ref(self)
+
+        def seen(_param):
+            owner = ref()
+            if owner is not None:
+                owner._backward_seen = True
+
+        watched = self.__dict__.setdefault("_watched", [])
+        for group in groups:
+            for p in group["params"]:
+                if p.requires_grad and hasattr(p, "register_post_accumulate_grad_hook"):
+                    p.register_post_accumulate_grad_hook(seen)
+                    watched.append(p)
+                    break
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._backward_seen = False  # gradients cleared: what came before is not pass 1
+        super().zero_grad(set_to_none=set_to_none)
 
     # ------------------------------------------------------------------ building blocks
     @property
@@ -190,6 +263,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     def _slots_with_grads(self) -> List[GradSlots]:
         """Per param group, the parameters that have a gradient now (dense, on one device)."""
         slots = []
+        local_grad = self._dist.local_grad
         for group in self.param_groups:
             params, grads = [], []
             for p in group["params"]:
@@ -199,10 +273,22 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(f"{type(self).__name__} does not support sparse "
                                        "gradients (e.g. nn.Embedding(sparse=True))")
                 params.append(p)
-                grads.append(p.grad)
+                grads.append(local_grad(p))
             if params:
-                slots.append(GradSlots(group, params, grads))
+                slots.append(GradSlots(group, params, grads, self._locals(params)))
         return slots
+
+    def _locals(self, params: Tensors) -> Tensors:
+        """The tensors the kernels write for `params`: themselves, or their local shards."""
+        if not self._dist.sharded:
+            return params
+        return [self._dist.local(p) for p in params]
+
+    def _global_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-rank partial sums over the parameters (norms, dot products: put the scalars
+        needed at one point in one tensor) → sums over every whole parameter, in place: one
+        all-reduce over the shard group when the parameters are sharded, else nothing."""
+        return self._dist.global_sum_(t)
 
     def _weighted_sum_sq(self, slots: List[GradSlots], dirs: Optional[List[Tensors]] = None
                          ) -> torch.Tensor:
@@ -215,15 +301,19 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             adaptive = bool(s.group["adaptive"])
             key = (adaptive, float(s.group["eta"]) if adaptive else 0.0)
             buckets[key][0].extend(d)
-            buckets[key][1].extend(s.params)
+            if adaptive:
+                buckets[key][1].extend(self._slot_locals(s))
         backend = self._ops()
         total = None
         for (adaptive, eta), (xs, ws) in buckets.items():
-            part = backend.sum_sq(xs, ws if adaptive else [], eta)
+            part = backend.sum_sq(xs, ws, eta)
             total = part if total is None else total + part
         if total is None:
             total = torch.zeros((), device=self._device)
-        return total
+        return self._global_sum(total)
+
+    def _slot_locals(self, s: GradSlots) -> Tensors:
+        return s.locals if s.locals is not None else self._locals(s.params)
 
     @torch.no_grad()
     def _perturb(self, slots: List[GradSlots], sum_sq: torch.Tensor, eps: float,
@@ -232,31 +322,40 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         """w ← w + ρ/(√sum_sq + eps) · T² · d for every slot (d defaults to the gradients; ρ to
         each group's 'rho'), first copying w into persistent backup buffers when keep_backup.
         Slots sharing (ρ, adaptive, eta) go in one kernel."""
+        self._note_nonfinite(sum_sq)
         dirs = dirs if dirs is not None else [s.grads for s in slots]
-        buckets: Dict[Tuple[float, bool, float], Tuple[Tensors, Tensors]] = \
-            defaultdict(lambda: ([], []))
+        buckets: Dict[Tuple[float, bool, float], Tuple[Tensors, Tensors, Tensors]] = \
+            defaultdict(lambda: ([], [], []))
         for s, d in zip(slots, dirs):
             adaptive = bool(s.group["adaptive"])
             key = (float(s.group["rho"] if rho is None else rho), adaptive,
                    float(s.group["eta"]) if adaptive else 0.0)
             buckets[key][0].extend(s.params)
-            buckets[key][1].extend(d)
+            buckets[key][1].extend(self._slot_locals(s))
+            buckets[key][2].extend(d)
         backend = self._ops()
         perturbed_params, backups = [], []
-        for (r, adaptive, eta), (params, ds) in buckets.items():
-            bufs = self._backups_for(params) if keep_backup else []
-            try:
-                backend.perturb_(params, ds, sum_sq, r, eps, adaptive, eta, bufs)
-            except ValueError:
-                # A parameter's .data was replaced (new shape/dtype/layout) since the buffers
-                # were cached; the kernels validate before writing, so rebuild and retry once.
-                if not keep_backup:
-                    raise
-                self._backup_lists.clear()
-                bufs = self._backups_for(params)
-                backend.perturb_(params, ds, sum_sq, r, eps, adaptive, eta, bufs)
-            perturbed_params.extend(params)
-            backups.extend(bufs)
+        try:
+            for (r, adaptive, eta), (keys, params, ds) in buckets.items():
+                bufs = self._backups_for(keys, params) if keep_backup else []
+                try:
+                    backend.perturb_(params, ds, sum_sq, r, eps, adaptive, eta, bufs)
+                except ValueError:
+                    # A parameter's .data was replaced (new shape/dtype/layout) since the
+                    # buffers were cached; the kernels validate before writing, so rebuild and
+                    # retry once.
+                    if not keep_backup:
+                        raise
+                    self._backup_lists.clear()
+                    bufs = self._backups_for(keys, params)
+                    backend.perturb_(params, ds, sum_sq, r, eps, adaptive, eta, bufs)
+                perturbed_params.extend(params)
+                backups.extend(bufs)
+        except BaseException:
+            # a later bucket failed: the earlier ones are moved already, put them back
+            if keep_backup and perturbed_params:
+                backend.restore_(perturbed_params, backups)
+            raise
         if keep_backup:
             self._perturbed = (perturbed_params, backups)
 
@@ -267,18 +366,19 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         slots = self._slots_with_grads()
         self._unscale_grads()
         params = [p for s in slots for p in s.params]
-        torch._foreach_copy_(self._scratch(name, params), [g for s in slots for g in s.grads])
+        grads = [g for s in slots for g in s.grads]
+        torch._foreach_copy_(self._scratch(name, params, grads), grads)
         self._perturb(slots, self._weighted_sum_sq(slots), eps, rho=rho)
         return params
 
-    def _backups_for(self, params: Tensors) -> Tensors:
-        """The persistent backup buffers of `params`, as one list cached per parameter list:
-        checking every buffer each step costs more host time than the copy itself on lists of
-        thousands of small tensors."""
-        key = tuple(map(id, params))
+    def _backups_for(self, keys: Tensors, params: Tensors) -> Tensors:
+        """The persistent backup buffers of the parameters `keys` (shaped like `params`, their
+        local tensors), as one list cached per parameter list: checking every buffer each step
+        costs more host time than the copy itself on lists of thousands of small tensors."""
+        key = tuple(map(id, keys))
         bufs = self._backup_lists.get(key)
         if bufs is None:
-            bufs = self._scratch("backup", params)
+            bufs = self._scratch("backup", keys, params)
             self._backup_lists[key] = bufs
         return bufs
 
@@ -309,10 +409,24 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 f"{cls_name}.step() needs a closure that zeroes the gradients, runs the forward "
                 "and backward pass and returns the loss, e.g. optimizer.step(closure); or call "
                 "first_step() / second_step() around your own backward passes")
+        if self._backward_seen and self._perturbed is None and \
+                any(p.grad is not None for p in self._watched):
+            raise RuntimeError(
+                f"{cls_name}.step(closure) found gradients from a backward pass run since the "
+                "last step: step(closure) runs the closure for every pass itself (pass 1 at w "
+                "included), so a loop that calls loss.backward() before step(closure) (the "
+                "davda54/sam README pattern) would run 3 forward-backward passes per step and "
+                "update BatchNorm statistics twice. Drop that first backward (the closure does "
+                "it), or keep it and call first_step(zero_grad=True) / backward at w + e / "
+                "second_step() instead; optimizer.zero_grad() before step(closure) discards "
+                "those gradients")
 
         def one_pass():
-            with torch.enable_grad(), self._pass_sync(), self._abort_on_error():
-                return closure()
+            try:
+                with torch.enable_grad(), self._pass_sync(), self._abort_on_error():
+                    return closure()
+            finally:
+                self._backward_seen = False  # that backward was one of this step's passes
         return one_pass
 
     @contextlib.contextmanager
@@ -334,6 +448,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             try:
                 yield
             finally:
+                self._backward_seen = False  # that backward was one of this step's passes
                 if freeze:
                     bn.enable_running_stats(self.model)
 
@@ -344,10 +459,10 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         return self.pass_context(freeze_bn=freeze_bn)
 
     def _pass_sync(self):
-        """DDP's `no_sync()` for a pass whose gradients stay per-rank, else nothing."""
-        if self.perturbed and not self._reduce_final_grads:
-            return contextlib.nullcontext()  # the final pass of SAM/ASAM/VaSSO: DDP averages
-        return self._no_sync()
+        """DDP's `no_sync()` for a pass whose gradients stay per-rank, else nothing (the
+        strategy decides: sharded training synchronises every pass)."""
+        # the final pass of SAM/ASAM/VaSSO is averaged by DDP; every other pass is per-rank
+        return self._dist.pass_context(per_rank=not self.perturbed or self._reduce_final_grads)
 
     @contextlib.contextmanager
     def _abort_on_error(self):
@@ -364,6 +479,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         if self._amp_snapshot is not None:
             self._rollback_guarded_state()
         self._amp_passes = 0
+        self._nonfinite_flags = []
+        self._backward_seen = False
 
     # ------------------------------------------------------------------ end of a step
     @torch.no_grad()
@@ -372,14 +489,18 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         (and, for `_reduce_final_grads` algorithms, averaged over DDP ranks): clip it to
         `max_grad_norm`, skip the update if a GradScaler pass found inf/NaN, else step the
         base optimizer."""
-        if self.max_grad_norm is not None:
-            self._clip_final_grads()
+        if self.max_grad_norm is not None or self.skip_nonfinite:
+            self._final_grad_checks()
         # LR schedulers attached to this object (or the base) watch for a call of step();
         # first_step/second_step loops and skipped steps count as one (davda54/sam #28)
         self._opt_called = True
         self.base_optimizer._opt_called = True
+        self._backward_seen = False
         found_inf = self._found_inf()
         self._amp_passes = 0
+        if found_inf is not None:
+            self.skipped_steps = found_inf.clone() if self.skipped_steps is None else \
+                self.skipped_steps + found_inf
         if found_inf is None:
             self._amp_snapshot = None
             self.base_optimizer.step()
@@ -398,25 +519,44 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             self._amp_snapshot = None
             self.base_optimizer.step()
 
-    def _clip_final_grads(self) -> None:
-        """g ← g · min(1, max_grad_norm / (‖g‖ + 1e-6)) over every gradient, as
-        torch.nn.utils.clip_grad_norm_: one fused reduction, the factor stays on the device."""
+    def _final_grad_checks(self) -> None:
+        """One fused norm of the final gradients, for both of: clipping them,
+        g ← g · min(1, max_grad_norm / (‖g‖ + 1e-6)) as torch.nn.utils.clip_grad_norm_ (the
+        factor stays on the device), and skip_nonfinite's check of the last pass."""
         grads = [g for s in self._slots_with_grads() for g in s.grads]
         if not grads:
             return
-        norm = self._ops().sum_sq(grads, [], 0.0).sqrt()
-        self.last_grad_norm = norm
-        factor = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
-        torch._foreach_mul_(grads, factor)
+        sum_sq = self._global_sum(self._ops().sum_sq(grads, [], 0.0))
+        self._note_nonfinite(sum_sq)
+        if self.max_grad_norm is not None:
+            norm = sum_sq.sqrt()
+            self.last_grad_norm = norm
+            factor = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
+            torch._foreach_mul_(grads, factor)
+
+    def _note_nonfinite(self, sum_sq: torch.Tensor) -> None:
+        """With skip_nonfinite: record (on the device) whether a pass's norm is inf/NaN — the
+        norm of a list is finite exactly when every element is (the kernels accumulate so
+        that finite values do not overflow)."""
+        if self.skip_nonfinite:
+            flag = (~torch.isfinite(sum_sq)).to(torch.float32)
+            self._nonfinite_flags = self._nonfinite_flags + [flag]
 
     # ------------------------------------------------------------------ GradScaler
     def _amp_enabled(self) -> bool:
         return self.grad_scaler is not None and self.grad_scaler.is_enabled()
 
+    def _guarding(self) -> bool:
+        """Whether a step may be skipped (GradScaler or skip_nonfinite), so the state it
+        changes before the decision must be kept to be put back."""
+        return self._amp_enabled() or self.skip_nonfinite
+
     def _unscale_grads(self) -> None:
         """With a GradScaler: unscale the gradients of the pass that just ran, in place, and
         record whether they hold inf/NaN. Call it once per pass, first thing in each method
         that reads that pass's gradients (after its argument checks)."""
+        if self.skip_nonfinite and self._amp_snapshot is None:
+            self._snapshot_guarded_state()  # idempotent until the step ends
         if not self._amp_enabled():
             return
         if self._amp_passes == 0 and self._amp_snapshot is None:
@@ -439,25 +579,27 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     def _found_inf(self) -> Optional[torch.Tensor]:
         """1.0 if any pass of this step had inf/NaN gradients, else 0.0 (a device tensor), or
-        None without a GradScaler."""
-        if not self._amp_enabled():
+        None without a GradScaler and without skip_nonfinite."""
+        if not self._guarding():
             return None
-        if self._amp_passes == 0:
-            raise RuntimeError(f"{type(self).__name__} has a GradScaler but no pass of this "
-                               "step was unscaled; its step methods must call "
-                               "_unscale_grads() for each pass")
-        flags = [t for view in self._amp_views[:self._amp_passes]
-                 for t in self.grad_scaler._found_inf_per_device(view).values()]
+        flags: Tensors = []
+        if self._amp_enabled():
+            if self._amp_passes == 0:
+                raise RuntimeError(f"{type(self).__name__} has a GradScaler but no pass of "
+                                   "this step was unscaled; its step methods must call "
+                                   "_unscale_grads() for each pass")
+            flags = [t for view in self._amp_views[:self._amp_passes]
+                     for t in self.grad_scaler._found_inf_per_device(view).values()]
+        flags, self._nonfinite_flags = flags + self._nonfinite_flags, []
         if not flags:  # no gradients at all
             return torch.zeros((), device=self._device)
         # fused optimizers compare the flag with 1 exactly
         found = torch.clamp(torch.stack(flags).sum(), max=1.0)
-        if self._ddp_active():
-            # pass 1 (all passes for GSAM/GAM) ran per rank: an inf on one rank must skip the
-            # step on every rank, and back off every rank's scale alike (update() reads flags)
-            torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX,
-                                         group=self._ddp_module.process_group)
-            flags[0].copy_(found)
+        if self._dist.name != "single":
+            # a pass that ran per rank (DDP), or a shard's own check (FSDP): an inf on one
+            # rank must skip the step on every rank, and back off every rank's scale alike
+            # (update() reads the recorded flags)
+            flags[0].copy_(self._dist.any_(found))
         return found
 
     def _snapshot_guarded_state(self) -> None:
@@ -465,7 +607,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         tensors and `_extra_state()`). Taken automatically when the first pass of a step is
         unscaled; a subclass that changes state earlier in a step (e.g. a decision taken
         before pass 1) calls it first. Idempotent until the step ends."""
-        if not self._amp_enabled() or not self._amp_guarded_state or \
+        if not self._guarding() or not self._amp_guarded_state or \
                 self._amp_snapshot is not None:
             return
         present = [(s, key) for s in self.state.values() for key in self._amp_guarded_state
@@ -528,71 +670,43 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ scratch buffers, DDP
     # (added with GSAM/GAM: gradients kept across passes; per-rank gradients averaged once)
-    def _scratch(self, name: str, params: Tensors) -> Tensors:
-        """Persistent per-parameter buffers shaped like `params`, one set per `name` (e.g. a
-        kept gradient); reallocated only when a parameter's shape/dtype/layout changes."""
+    def _scratch(self, name: str, params: Tensors, like: Optional[Tensors] = None) -> Tensors:
+        """Persistent buffers, one per parameter of `params` (the key: local shard views are
+        new objects on every call) and one set per `name` (e.g. a kept gradient), shaped like
+        `like` (default: the parameters' local tensors); reallocated only when that shape,
+        dtype or layout changes."""
         store = self.__dict__.setdefault("_scratch_buffers", {}).setdefault(name, {})
+        like = self._locals(params) if like is None else like
         bufs = []
-        for p in params:
+        for p, t in zip(params, like):
             buf = store.get(p)
-            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or \
-                    buf.device != p.device or buf.stride() != p.stride():
-                buf = torch.empty_like(p, memory_format=torch.preserve_format)
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or \
+                    buf.device != t.device or buf.stride() != t.stride():
+                buf = torch.empty_like(t, memory_format=torch.preserve_format)
                 store[p] = buf
             bufs.append(buf)
         return bufs
 
-    def _ddp_active(self) -> bool:
-        """True when torch.distributed is initialized and `model` is DDP-wrapped (also
-        inside torch.compile's wrapper)."""
-        return self._ddp_module is not None and torch.distributed.is_available() and \
-            torch.distributed.is_initialized()
-
-    def _no_sync(self):
-        """`model.no_sync()` under DDP, so every rank keeps its own gradients; else nothing."""
-        return self._ddp_module.no_sync() if self._ddp_active() else contextlib.nullcontext()
-
     def _sync_grads(self, grads: Tensors, reduce: str = "mean") -> None:
-        """Under DDP, all-reduce the final gradients across ranks ('mean' or 'sum')."""
-        if self._ddp_active():
-            all_reduce_grads_(grads, average=(reduce == "mean"),
-                              group=self._ddp_module.process_group)
+        """The final gradients of an algorithm whose passes ran per rank (DDP), all-reduced
+        across the ranks ('mean' or 'sum'); nothing when the passes were synchronised."""
+        self._dist.average_grads_(grads, mean=(reduce == "mean"))
 
+    def _agreed_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Statistics every rank must decide on alike (VaSSORe's criteria), in place: summed
+        over the shards when sharded, averaged over DDP ranks (bit-identical everywhere)."""
+        return self._dist.agree_(t)
 
-def all_reduce_grads_(grads: Tensors, average: bool = True, group: Any = None,
-                      bucket_bytes: int = 32 << 20) -> None:
-    """Sum (or average) tensors across the ranks of `group` in place, with one all_reduce per
-    flat bucket of at most `bucket_bytes` per dtype, not one per tensor. Works on every
-    backend (gloo has no ReduceOp.AVG, so the mean is a sum divided by the world size)."""
-    import torch.distributed as dist
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-    world = dist.get_world_size(group)
-    by_dtype: Dict[torch.dtype, Tensors] = defaultdict(list)
-    for g in grads:
-        by_dtype[g.dtype].append(g)
-    for same_dtype in by_dtype.values():
-        bucket: Tensors = []
-        size = 0
-        for i, g in enumerate(same_dtype):
-            bucket.append(g)
-            size += g.numel() * g.element_size()
-            if size >= bucket_bytes or i == len(same_dtype) - 1:
-                flat = _flatten_dense_tensors(bucket)
-                dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-                if average and world > 1:
-                    flat.div_(world)
-                torch._foreach_copy_(bucket, _unflatten_dense_tensors(flat, bucket))
-                bucket, size = [], 0
-
-
-def find_ddp(model: Optional[torch.nn.Module]):
-    """The DistributedDataParallel module `model` is or wraps via torch.compile, else None."""
-    while model is not None:
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            return model
-        model = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
-    return None
+    def _record_gap(self, at_w: Any, at_w_plus_e: Any) -> None:
+        """last_surrogate_gap ← L(w + e) − L(w) from what two closure calls returned (a loss
+        or the seed's (outputs, loss)); None when either is not a loss. Stays on the device."""
+        losses = [r[-1] if isinstance(r, (tuple, list)) and r else r for r in (at_w, at_w_plus_e)]
+        if all(torch.is_tensor(x) and x.numel() == 1 for x in losses):
+            self.last_surrogate_gap = (losses[1].detach() - losses[0].detach()).reshape(())
+        elif all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in losses):
+            self.last_surrogate_gap = torch.tensor(float(losses[1]) - float(losses[0]))
+        else:
+            self.last_surrogate_gap = None
 
 
 class _ScalerPass:
@@ -605,6 +719,15 @@ class _ScalerPass:
     @property
     def param_groups(self):
         return self._owner.param_groups
+
+
+def _dedupe(group: Dict[str, Any]) -> None:
+    """The same tensor twice in a group would be perturbed (and stepped) twice; torch only
+    warns about it. Keep the first occurrence."""
+    params = group["params"]
+    unique = list(dict.fromkeys(params))
+    if len(unique) != len(params):
+        params[:] = unique
 
 
 def _all_params(groups) -> Tensors:

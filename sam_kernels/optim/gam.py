@@ -9,6 +9,7 @@ import torch
 from .base import (SharpnessAwareOptimizer, StepVar, Tensors, check_nonnegative,
                    check_positive)
 from .closure import ClosureMixin
+from .seed_compat import SeedCompat, check_keywords, check_step_arguments
 from .gsam import check_grad_reduce, scheduled_value
 
 #: hyper-parameters read from the seed's `args` namespace when not given as keywords
@@ -23,7 +24,7 @@ def check_finite(name: str, value: Any) -> None:
         raise ValueError(f"Invalid {name} value: {value!r} (must be a finite number)")
 
 
-class GAM(ClosureMixin, SharpnessAwareOptimizer):
+class GAM(ClosureMixin, SeedCompat, SharpnessAwareOptimizer):
     r"""GAM around any base optimizer: first-order flatness through four gradient evaluations.
 
     With T = |w| + eta in adaptive groups (the seed has eta = 0), else 1, norms over every
@@ -63,6 +64,8 @@ class GAM(ClosureMixin, SharpnessAwareOptimizer):
     # changed by steps: kept in a dict for torch.compile
     _stage = StepVar(0)
     _grad_params = StepVar()
+    #: xxgege/GAM saves only its base optimizer's state dict: loaded as such
+    _seed_family = "gam"
 
     def __init__(self, params: Iterable, base_optimizer: Any,
                  model: Optional[torch.nn.Module] = None, *,
@@ -74,6 +77,7 @@ class GAM(ClosureMixin, SharpnessAwareOptimizer):
                  args: Any = None, grad_reduce: str = "mean", backend: str = "auto",
                  grad_scaler: Optional[torch.amp.GradScaler] = None,
                  max_grad_norm: Optional[float] = None, **base_kwargs: Any) -> None:
+        check_keywords(type(self), base_optimizer, base_kwargs)
         given = dict(grad_rho=grad_rho, grad_norm_rho=grad_norm_rho, grad_beta_1=grad_beta_1,
                      grad_beta_2=grad_beta_2, grad_beta_3=grad_beta_3, grad_gamma=grad_gamma)
         hyper = {}
@@ -199,7 +203,7 @@ class GAM(ClosureMixin, SharpnessAwareOptimizer):
         backend = self._ops()
         m = self._scratch("g0_then_m", params)
         backend.axpby_(grads, self._scratch("g1", params), self.grad_beta_1, self.grad_beta_3)
-        stats = backend.dot_sum_sq(m, grads)  # [⟨m, d⟩, ‖m‖², ‖d‖²]
+        stats = self._global_sum(backend.dot_sum_sq(m, grads))  # [⟨m, d⟩, ‖m‖², ‖d‖²]
         backend.orth_combine_(grads, m, stats, self.grad_gamma, self.perturb_eps)
         self._restore()
         self._stage = 0
@@ -208,21 +212,25 @@ class GAM(ClosureMixin, SharpnessAwareOptimizer):
         if zero_grad:
             self.zero_grad()
 
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+    def step(self, closure: Optional[Callable[[], Any]] = None, *args: Any,
+             **seed_kwargs: Any) -> Any:
         """Four passes (BatchNorm statistics frozen after the first), combine, restore, base
         step. Without a closure runs the one from set_closure() and returns the first pass's
-        ``(outputs, loss)``; with one returns what its first call returned."""
+        ``(outputs, loss)``; with one returns what its first call returned. The seeds' step
+        keywords (``epoch=``, ...) are ignored, as for SAM."""
+        check_step_arguments(self, args, seed_kwargs)
         closure = self._closure_for_step(closure)
         self._require_unperturbed("step()")
         result = closure()
         self.first_step(zero_grad=True)
         with self._perturbed_pass():
-            closure()
+            at_w_plus_e = closure()  # w + e along g0: the surrogate gap's point
             self.second_step(zero_grad=True)
             closure()
             self.third_step(zero_grad=True)
             closure()
         self.fourth_step()
+        self._record_gap(result, at_w_plus_e)
         return result
 
     # ------------------------------------------------------------------ checkpointing

@@ -8,6 +8,7 @@ import torch
 from .base import (SharpnessAwareOptimizer, StepVar, Tensors, check_nonnegative,
                    check_positive)
 from .closure import ClosureMixin
+from .seed_compat import SeedCompat, check_keywords, check_step_arguments
 
 _GRAD_REDUCE = ("mean", "sum")
 _NO_ALPHA = object()
@@ -27,7 +28,7 @@ def scheduled_value(name: str, value: Any) -> float:
     return value
 
 
-class GSAM(ClosureMixin, SharpnessAwareOptimizer):
+class GSAM(ClosureMixin, SeedCompat, SharpnessAwareOptimizer):
     r"""GSAM: the SAM gradient at the perturbed point minus ``alpha`` times the component of
     the gradient at w orthogonal to it.
 
@@ -79,6 +80,7 @@ class GSAM(ClosureMixin, SharpnessAwareOptimizer):
     _nonnegative_group_keys = ("eta",)
     _reduce_final_grads = True  # under DDP: every pass per-rank, the final gradient averaged
     _grad_params = StepVar()  # changed by steps: kept in a dict for torch.compile
+    _seed_family = "gsam"  # load_state_dict converts juntang-zhuang/GSAM's checkpoints
 
     def __init__(self, params: Iterable, base_optimizer: Any,
                  model: Optional[torch.nn.Module] = None, gsam_alpha: Any = _NO_ALPHA,
@@ -86,6 +88,7 @@ class GSAM(ClosureMixin, SharpnessAwareOptimizer):
                  *, rho: float = 0.05, eta: float = 0.0, grad_reduce: str = "mean",
                  backend: str = "auto", grad_scaler: Optional[torch.amp.GradScaler] = None,
                  max_grad_norm: Optional[float] = None, **base_kwargs: Any) -> None:
+        check_keywords(type(self), base_optimizer, base_kwargs)
         if gsam_alpha is _NO_ALPHA:
             raise TypeError("GSAM needs gsam_alpha, the weight of the orthogonal gradient "
                             "component (>= 0; 0 gives SAM), e.g. GSAM(..., gsam_alpha=0.1)")
@@ -145,7 +148,8 @@ class GSAM(ClosureMixin, SharpnessAwareOptimizer):
         self._unscale_grads()
         grads_at_w = self._scratch("grad_at_w", params)
         backend = self._ops()
-        stats = backend.dot_sum_sq(grads_at_w, grads)  # [⟨g, g_p⟩, ‖g‖², ‖g_p‖²]
+        # [⟨g, g_p⟩, ‖g‖², ‖g_p‖²], summed over the shards when sharded
+        stats = self._global_sum(backend.dot_sum_sq(grads_at_w, grads))
         backend.orth_combine_(grads, grads_at_w, stats, self.alpha, self.perturb_eps)
         self._restore()
         self._sync_grads(grads, self.grad_reduce)
@@ -153,17 +157,21 @@ class GSAM(ClosureMixin, SharpnessAwareOptimizer):
         if zero_grad:
             self.zero_grad()
 
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+    def step(self, closure: Optional[Callable[[], Any]] = None, *args: Any,
+             **seed_kwargs: Any) -> Any:
         """Pass at w, perturb, pass at w + e (BatchNorm statistics frozen), decompose, restore,
         base step. Without a closure runs the one from set_closure() and returns
-        ``(outputs, loss)``; with one returns what its first call returned."""
+        ``(outputs, loss)``; with one returns what its first call returned. The seeds' step
+        keywords (``epoch=``, ...) are ignored, as for SAM."""
+        check_step_arguments(self, args, seed_kwargs)
         closure = self._closure_for_step(closure)
         self._require_unperturbed("step()")
         result = closure()
         self.first_step(zero_grad=True)
         with self._perturbed_pass():
-            closure()
+            at_w_plus_e = closure()
         self.second_step()
+        self._record_gap(result, at_w_plus_e)
         return result
 
     # ------------------------------------------------------------------ checkpointing

@@ -15,8 +15,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 
 from .base import (GradSlots, SharpnessAwareOptimizer, StepVar, Tensors, _all_params,
-                   all_reduce_grads_, check_nonnegative, check_positive, find_ddp)
+                   check_nonnegative, check_positive)
 from .closure import ClosureMixin
+from .seed_compat import (ReadOnlyAlias, SeedCompat, check_keywords, check_state_shape,
+                          check_step_arguments, from_seed_args)
 
 CRITERIA = ("naive", "random", "gSAMflat", "gSAMsharp", "gSAMratio", "cosSim")
 #: seed of the private generator the `random` criterion uses when none is given; the same on
@@ -73,6 +75,18 @@ class ReuseCriterion:
     def load_state_dict(self, sd: Dict[str, Any], device: Optional[torch.device]) -> None:
         pass
 
+    def commit(self, state: Dict) -> None:
+        """The step that called observe() completes: keep what it has to keep (after this
+        nothing of the step is undone)."""
+
+    def snapshot(self) -> Any:
+        """What vote()/observe() change, cheaply (references: they replace their tensors
+        rather than write into them), for restore() when a step fails."""
+        return None
+
+    def restore(self, snap: Any) -> None:
+        pass
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 
@@ -110,6 +124,12 @@ class RandomCriterion(ReuseCriterion):
         if "generator" in sd:
             self.generator.set_state(sd["generator"])
 
+    def snapshot(self) -> torch.Tensor:
+        return self.generator.get_state()  # ~5 KB on the host: a failed step draws again
+
+    def restore(self, snap: torch.Tensor) -> None:
+        self.generator.set_state(snap)
+
 
 class _DeviceFlagCriterion(ReuseCriterion):
     """A criterion whose decision is a device flag computed in `observe`."""
@@ -129,6 +149,13 @@ class _DeviceFlagCriterion(ReuseCriterion):
     def load_state_dict(self, sd, device) -> None:
         for k, v in sd.items():
             setattr(self, k, v.to(device=device, copy=True) if v is not None else None)
+
+    def snapshot(self) -> Dict[str, Optional[torch.Tensor]]:
+        return dict(self._tensors())
+
+    def restore(self, snap: Dict[str, Optional[torch.Tensor]]) -> None:
+        for k, v in snap.items():
+            setattr(self, k, v)
 
 
 class GradNormEMACriterion(_DeviceFlagCriterion):
@@ -173,18 +200,35 @@ class CosSimCriterion(_DeviceFlagCriterion):
     def __init__(self, c: float) -> None:
         super().__init__()
         self.c = c
+        self._pending: Optional[Tuple[Tensors, Tensors, List[Tuple[Any, torch.Tensor]]]] = None
 
     def observe(self, params, grads, state, backend, mean_over_ranks) -> None:
-        prevs = []
+        prevs, fresh = [], []
         for p, g in zip(params, grads):
             buf = state[p].get("g_out_prev")
-            if buf is None:
-                buf = state[p]["g_out_prev"] = torch.zeros_like(g)
+            if buf is None or buf.shape != g.shape or buf.dtype != g.dtype or \
+                    buf.stride() != g.stride():
+                # first step of this parameter, or its .data was replaced: it restarts from
+                # zeros (no contribution to this step's cosine), kept only at commit()
+                buf = torch.zeros_like(g)
+                fresh.append((p, buf))
             prevs.append(buf)
         stats = mean_over_ranks(backend.dot_sum_sq(list(grads), prevs)).to(torch.float64)
         cos = stats[0] / (stats[1].sqrt() * stats[2].sqrt())
         self.flag = cos <= self.c
-        torch._foreach_copy_(prevs, list(grads))  # a copy: p.grad may be zeroed in place
+        self._pending = (prevs, list(grads), fresh)
+
+    def commit(self, state) -> None:
+        if self._pending is not None:
+            prevs, grads, fresh = self._pending
+            self._pending = None
+            for p, buf in fresh:
+                state[p]["g_out_prev"] = buf
+            torch._foreach_copy_(prevs, grads)  # a copy: p.grad may be zeroed in place
+
+    def restore(self, snap) -> None:
+        super().restore(snap)
+        self._pending = None
 
 
 def make_criterion(criterion: str, *, k: int = 2, p: float = 0.5, lam: float = 0.1,
@@ -192,7 +236,10 @@ def make_criterion(criterion: str, *, k: int = 2, p: float = 0.5, lam: float = 0
                    generator: Optional[torch.Generator] = None) -> ReuseCriterion:
     """Validate every criterion hyper-parameter and build the named criterion."""
     if criterion not in CRITERIA:
-        raise ValueError(f"Invalid criterion: {criterion!r}; choose one of {CRITERIA}")
+        hint = {"baseline": " (the seed's 'baseline' is plain VaSSO: use sam_kernels.VaSSO)",
+                "schedule": " (the seed's 'schedule' alternates VaSSO and the base optimizer "
+                            "by epoch: switch optimizers in your loop)"}.get(criterion, "")
+        raise ValueError(f"Invalid criterion: {criterion!r}; choose one of {CRITERIA}{hint}")
     _check_int("k", k, 1)
     check_unit_interval("p", p)
     check_unit_interval("lam", lam, open_low=True)
@@ -220,7 +267,7 @@ def make_criterion(criterion: str, *, k: int = 2, p: float = 0.5, lam: float = 0
 Plan = Tuple[List[Tuple[Dict[str, Any], Tensors]], torch.Tensor]
 
 
-class VaSSO(ClosureMixin, SharpnessAwareOptimizer):
+class VaSSO(ClosureMixin, SeedCompat, SharpnessAwareOptimizer):
     r"""Variance-suppressed sharpness-aware optimization around any base optimizer.
 
     Per step: pass 1 at w gives g; ``d ← (1−θ)·d + θ·g`` (``d = g`` on a parameter's first
@@ -263,11 +310,23 @@ class VaSSO(ClosureMixin, SharpnessAwareOptimizer):
     steps = StepVar(0)
     inner_steps = StepVar(0)
     _plan = StepVar()
+    _undo = StepVar()  # what the step in progress changed, to undo it if it fails
+    #: the seeds' counter names (lk-eg); read-only
+    iteration_step_counter = ReadOnlyAlias("steps")
+    inner_gradient_calculation_counter = ReadOnlyAlias("inner_steps")
+    inner_fwp_calculation_counter = ReadOnlyAlias("inner_steps")
+    #: seed checkpoints of this algorithm family are converted by load_state_dict
+    _seed_family = "vasso"
 
     def __init__(self, params, base_optimizer: Any, rho: float = 0.05, theta: float = 0.9,
                  eps: float = 1e-7, adaptive: bool = False, eta: float = 0.0,
                  model: Optional[torch.nn.Module] = None, backend: str = "auto",
-                 **base_kwargs: Any) -> None:
+                 args: Any = None, logger: Any = None, **base_kwargs: Any) -> None:
+        # the seeds' argparse namespace (BingcongLi, lk-eg: `args=args`) supplies rho, theta;
+        # their `logger=` is accepted and not used
+        rho = from_seed_args("rho", rho, 0.05, args, "rho")
+        theta = from_seed_args("theta", theta, 0.9, args, "theta")
+        check_keywords(type(self), base_optimizer, base_kwargs)
         check_nonnegative("rho", rho)
         check_unit_interval("theta", theta)
         check_nonnegative("eta", eta)
@@ -299,43 +358,72 @@ class VaSSO(ClosureMixin, SharpnessAwareOptimizer):
     def first_step(self, zero_grad: bool = False) -> None:
         """Move to w + e. When the step recomputes (see needs_inner_pass) the current gradients
         (taken at w) update the EMA d first; otherwise the stored d is used and no gradient is
-        read."""
+        read. If it raises, the step is undone (weights, EMA, counters, decision)."""
         self._require_unperturbed("first_step()")
-        self._check_groups()
-        if self.needs_inner_pass():
-            slots = self._slots_with_grads()
-            self._unscale_grads()
-            self._fold_into_ema(slots)
-            self.inner_steps += 1
-        self._apply_plan()
+        try:
+            self._check_groups()
+            self._begin_step()
+            if self.needs_inner_pass():
+                slots = self._slots_with_grads()
+                self._unscale_grads()
+                self._fold_into_ema(slots)
+                self.inner_steps += 1
+                self._apply_plan()
+            else:
+                self._apply_stored_plan()
+        except BaseException:
+            self._abort_step()
+            raise
         if zero_grad:
             self.zero_grad()
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore w exactly, record what the next step's decision needs from the gradient at
-        w + e, and step the base optimizer with it."""
+        w + e, and step the base optimizer with it. Until the base optimizer's step, a failure
+        undoes the whole step."""
         self._require_perturbed("second_step()")
-        self._unscale_grads()
-        self._restore()
-        self._end_of_step(self._slots_with_grads())
+        try:
+            self._unscale_grads()
+            self._restore()
+            self._end_of_step(self._slots_with_grads())
+            self._commit_step()
+        except BaseException:
+            self._abort_step()
+            raise
         self._base_step()
         if zero_grad:
             self.zero_grad()
 
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+    def step(self, closure: Optional[Callable[[], Any]] = None, *args: Any,
+             **seed_kwargs: Any) -> Any:
         """Run ``closure`` (zero grads, forward, backward, return the loss) at w when the step
         recomputes, then at w + e; returns what ``_step_result`` picks (VaSSO: the call at w).
         Without a closure, runs the one from ``set_closure(loss_fn, inputs, targets)``, which
-        returns ``(outputs, loss)``."""
+        returns ``(outputs, loss)``. lk-eg's ``closure(computeForward, computeBackprop)`` is
+        called as ``closure(True, True)``; the keywords the seeds' loops pass (``epoch=``,
+        ``step=``, ``batch_idx=``, ``model=``, ...) are ignored.
+
+        A step that raises (in the closure, on an invalid group value, on sparse gradients)
+        leaves weights, EMA, counters, the plan, the reuse decision and the random criterion's
+        generator as they were: running it again gives what an uninterrupted run gives. (What
+        the closure itself changed — BatchNorm statistics of a pass at w, RNG draws — is the
+        closure's.)"""
+        check_step_arguments(self, args, seed_kwargs)
         closure = self._closure_for_step(closure)
         self._require_unperturbed("step()")
-        inner = self.needs_inner_pass()
-        at_w = closure() if inner else None
-        self.first_step(zero_grad=inner)
-        with self.pass_context():
-            at_w_plus_e = closure()
-        self.second_step()
+        self._check_groups()  # before any pass runs
+        try:
+            inner = self.needs_inner_pass()
+            at_w = closure() if inner else None
+            self.first_step(zero_grad=inner)
+            with self.pass_context():
+                at_w_plus_e = closure()
+            self.second_step()
+        except BaseException:
+            self._abort_step()
+            raise
+        self._record_gap(at_w, at_w_plus_e)  # None on a step that reused (no pass at w)
         return self._step_result(at_w, at_w_plus_e)
 
     def _step_result(self, at_w: Any, at_w_plus_e: Any) -> Any:
@@ -352,19 +440,36 @@ class VaSSO(ClosureMixin, SharpnessAwareOptimizer):
 
     # ------------------------------------------------------------------ building blocks
     def _fold_into_ema(self, slots: List[GradSlots]) -> None:
-        """d ← (1−θ)·d + θ·g for every slot (d = g where none exists yet), fused with Σd²;
-        the result becomes the plan the next perturbation applies."""
+        """d ← (1−θ)·d + θ·g for every slot (d = g where none exists yet, or where the
+        parameter's .data was replaced by one of another shape: its EMA restarts), fused with
+        Σd²; the result becomes the plan the next perturbation applies."""
         buckets: Dict[float, Tuple[Tensors, Tensors]] = defaultdict(lambda: ([], []))
+        kept_keys, kept = [], []  # EMAs written in place: copied first (see _guard)
+        new_keys, new = [], []
+        fresh = self._undo["fresh"]
         for s in slots:
-            for p, g in zip(s.params, s.grads):
+            group_theta = float(s.group["theta"])
+            for p, w, g in zip(s.params, self._slot_locals(s), s.grads):
                 state = self.state[p]
-                theta = float(s.group["theta"])
-                if "ema" not in state:
+                ema = state.get("ema")
+                theta = group_theta
+                if ema is None or ema.shape != w.shape:
                     # zeros, so that the update with θ = 1 below gives exactly d = g
-                    state["ema"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    ema = torch.zeros_like(w, memory_format=torch.preserve_format)
+                    self._set_entry(p, "ema", ema)
+                    new_keys.append(p)
+                    new.append(ema)
                     theta = 1.0
-                buckets[theta][0].append(state["ema"])
+                elif ema.dtype != w.dtype or ema.stride() != w.stride():
+                    ema = self._converted(p, "ema", w)  # same values, the new layout
+                elif p not in fresh:
+                    kept_keys.append(p)
+                    kept.append(ema)
+                buckets[theta][0].append(ema)
                 buckets[theta][1].append(g)
+        self._guard(kept_keys, kept)
+        if new:  # the buffers that will keep their copies, allocated with them
+            self._scratch("ema_undo", new_keys, new)
         backend = self._ops()
         total = None
         for theta, (emas, grads) in buckets.items():
@@ -372,7 +477,7 @@ class VaSSO(ClosureMixin, SharpnessAwareOptimizer):
             total = part if total is None else total + part
         if total is None:
             total = torch.zeros((), device=self._device)
-        self._plan = ([(s.group, s.params) for s in slots], total)
+        self._plan = ([(s.group, s.params) for s in slots], self._global_sum(total))
 
     def _apply_plan(self) -> None:
         """w ← w + ρ·d/(‖d‖ + eps) with the stored d and ‖d‖² (weights kept). In adaptive
@@ -385,9 +490,123 @@ class VaSSO(ClosureMixin, SharpnessAwareOptimizer):
             sum_sq = self._weighted_sum_sq(slots, dirs)
         self._perturb(slots, sum_sq, self.eps, dirs=dirs)
 
+    def _apply_stored_plan(self) -> None:
+        """_apply_plan() in a step that reuses the stored d. The kernels check every argument
+        before they write, so a parameter whose .data was replaced since (another shape,
+        dtype or layout) is found by their ValueError, at no cost otherwise: such a
+        parameter's EMA restarts (another shape: it is left out of this perturbation, as a
+        parameter without a gradient at the last recompute, and ‖d‖² is taken again over the
+        others) or follows the new dtype/layout, and the plan is applied again."""
+        try:
+            self._apply_plan()
+        except ValueError:
+            if not self._repair_plan():
+                raise
+            self._apply_plan()
+
+    def _repair_plan(self) -> bool:
+        pairs, sum_sq = self._plan
+        new_pairs, changed = [], False
+        for group, params in pairs:
+            kept = []
+            for p, w in zip(params, self._locals(params)):
+                state = self.state[p]
+                ema = state.get("ema")
+                if ema is None or ema.shape != w.shape:
+                    if ema is not None:
+                        self._set_entry(p, "ema", None)
+                    changed = True
+                    continue
+                if ema.dtype != w.dtype or ema.stride() != w.stride():
+                    self._converted(p, "ema", w)
+                    changed = True
+                kept.append(p)
+            if kept:
+                new_pairs.append((group, kept))
+        if not changed:
+            return False
+        emas = [self.state[p]["ema"] for _, params in new_pairs for p in params]
+        sum_sq = self._global_sum(self._ops().sum_sq(emas, [], 0.0)) if emas else \
+            torch.zeros((), device=self._device)
+        self._plan = (new_pairs, sum_sq)
+        return True
+
     def _end_of_step(self, slots: List[GradSlots]) -> None:
         """After the restore, with the outer gradients of this step."""
         self.steps += 1
+
+    # ------------------------------------------------------------------ failed steps
+    # A step changes state in place (the EMA) and by replacement (counters, plan, decision,
+    # criterion). _begin_step() records the replaced values (references), _guard() copies
+    # tensors before they are written in place, _set_entry() records the per-parameter entries
+    # it creates or replaces; _abort_step() puts all of it back, _commit_step() forgets it.
+    def _record(self) -> Dict[str, Any]:
+        return {"steps": self.steps, "inner_steps": self.inner_steps, "plan": self._plan}
+
+    def _restore_record(self, record: Dict[str, Any]) -> None:
+        self.steps = record["steps"]
+        self.inner_steps = record["inner_steps"]
+        self._plan = record["plan"]
+
+    def _begin_step(self) -> None:
+        if self._undo is None:
+            # dicts keyed by the parameters (not id(): torch.compile cannot trace that)
+            self._undo = {"record": self._record(), "copies": [], "copied": {},
+                          "entries": [], "fresh": {}}
+
+    def _guard(self, keys: Tensors, tensors: Tensors) -> None:
+        """Copy `tensors` (the EMAs of the parameters `keys`) before this step writes them in
+        place, once per step, in one fused pass into persistent buffers."""
+        undo = self._undo
+        copied = undo["copied"]
+        todo = [(k, t) for k, t in zip(keys, tensors) if k not in copied]
+        if not todo:
+            return
+        keys, tensors = [k for k, _ in todo], [t for _, t in todo]
+        copies = self._scratch("ema_undo", keys, tensors)
+        self._ops().restore_(copies, tensors)  # copies ← tensors
+        undo["copies"].append((tensors, copies))
+        for k in keys:
+            copied[k] = True
+
+    def _set_entry(self, p: torch.Tensor, key: str, value: Optional[torch.Tensor]) -> None:
+        """state[p][key] = value (None: delete it), undone if the step fails."""
+        state = self.state[p]
+        undo = self._undo
+        if undo is not None:
+            undo["entries"].append((state, key, state.get(key)))
+            undo["fresh"][p] = True
+        if value is None:
+            state.pop(key, None)
+        else:
+            state[key] = value
+
+    def _converted(self, p: torch.Tensor, key: str, like: torch.Tensor) -> torch.Tensor:
+        new = torch.empty_like(like, memory_format=torch.preserve_format)
+        new.copy_(self.state[p][key])
+        self._set_entry(p, key, new)
+        return new
+
+    def _commit_step(self) -> None:
+        self._undo = None
+
+    def _rollback_step(self) -> None:
+        undo = self._undo
+        if undo is None:
+            return
+        self._undo = None
+        for tensors, copies in undo["copies"]:
+            self._ops().restore_(tensors, copies)
+        for state, key, old in reversed(undo["entries"]):
+            if old is None:
+                state.pop(key, None)
+            else:
+                state[key] = old
+        self._restore_record(undo["record"])
+
+    def _abort_step(self) -> None:
+        super()._abort_step()
+        self._rollback_step()
 
     # ------------------------------------------------------------------ checkpointing
     def _extra_state(self) -> Dict[str, Any]:
@@ -399,7 +618,22 @@ class VaSSO(ClosureMixin, SharpnessAwareOptimizer):
                     "sum_sq": sum_sq.clone()}
         return {"steps": self.steps, "inner_steps": self.inner_steps, "plan": plan}
 
+    def _from_seed(self, index: int, seed_state: Dict[str, Any]
+                   ) -> Dict[str, Tuple[str, torch.Tensor]]:
+        """load_state_dict() of a seed's checkpoint (BingcongLi's VASSO, lk-eg's
+        VASSO/VASSORE/VASSOREMU; see docs/vasso.md): its 'ema' becomes ours, lk-eg's last
+        outer gradient 'g_t' cosSim's 'g_out_prev'."""
+        out = {}
+        if "ema" in seed_state:
+            out["ema"] = ("ema", check_state_shape(self, index, "ema", seed_state["ema"]))
+        if "g_t" in seed_state and isinstance(getattr(self, "criterion", None),
+                                              CosSimCriterion):
+            out["g_out_prev"] = ("g_t", check_state_shape(self, index, "g_t",
+                                                          seed_state["g_t"]))
+        return out
+
     def _load_extra_state(self, extra: Dict[str, Any]) -> None:
+        self._undo = None
         self.steps = int(extra.get("steps", 0))
         self.inner_steps = int(extra.get("inner_steps", 0))
         plan = extra.get("plan")
@@ -442,6 +676,9 @@ class VaSSORe(VaSSO):
     """
 
     _decision = StepVar()  # changed by steps: kept in a dict for torch.compile
+    #: lk-eg's keyword names (its constructor and argparse namespace) → ours
+    _keyword_aliases = {"crt": "criterion", "crt_k": "k", "crt_p": "p", "crt_z": "z",
+                        "crt_c": "c"}
 
     def __init__(self, params, base_optimizer: Any, rho: float = 0.05, theta: float = 0.9,
                  eps: float = 1e-7, adaptive: bool = False, eta: float = 0.0,
@@ -450,9 +687,24 @@ class VaSSORe(VaSSO):
                  warmup_steps: Optional[int] = None,
                  generator: Optional[torch.Generator] = None,
                  model: Optional[torch.nn.Module] = None, backend: str = "auto",
-                 **base_kwargs: Any) -> None:
-        self.criterion = make_criterion(criterion, k=k, p=p, lam=lam, z=z, z_two=z_two, c=c,
-                                        generator=generator)
+                 args: Any = None, logger: Any = None, **base_kwargs: Any) -> None:
+        # lk-eg's names: keywords crt, crt_k, crt_p, crt_z, crt_c, or its argparse namespace
+        # `args` (which also has z_two, lam, rho, theta)
+        given = dict(criterion=criterion, k=k, p=p, z=z, c=c, lam=lam, z_two=z_two)
+        defaults = dict(criterion="naive", k=2, p=0.5, z=1.0, c=0.0, lam=0.1, z_two=0.5)
+        for seed_name, ours in self._keyword_aliases.items():
+            if seed_name in base_kwargs:
+                value = base_kwargs.pop(seed_name)
+                if given[ours] != defaults[ours] and given[ours] != value:
+                    raise ValueError(f"Invalid {ours} value: {given[ours]!r} given as {ours}= "
+                                     f"but {value!r} as {seed_name}= (the seed's name for it); "
+                                     "give it once")
+                given[ours] = value
+        seed_names = {v: k for k, v in self._keyword_aliases.items()}
+        for ours in given:
+            given[ours] = from_seed_args(ours, given[ours], defaults[ours], args,
+                                         seed_names.get(ours, ours))
+        self.criterion = make_criterion(given.pop("criterion"), generator=generator, **given)
         if warmup_steps is not None:
             _check_int("warmup_steps", warmup_steps, 0)
         self.warmup_steps = self.criterion.default_warmup if warmup_steps is None \
@@ -460,11 +712,13 @@ class VaSSORe(VaSSO):
         self._decision: Optional[bool] = None  # the current step's, once taken
         super().__init__(params, base_optimizer, rho=rho, theta=theta, eps=eps,
                          adaptive=adaptive, eta=eta, model=model, backend=backend,
-                         **base_kwargs)
+                         args=args, logger=logger, **base_kwargs)
 
     def needs_inner_pass(self) -> bool:
         """Whether the current step computes the gradient at w (pass 1). Taken once per step
-        (the `random` criterion draws then) and cached until second_step()."""
+        (the `random` criterion draws then) and cached until second_step(); a step that fails
+        takes it again (the same way)."""
+        self._begin_step()
         if self._decision is None:
             self._snapshot_guarded_state()  # a skipped (AMP) step undoes the decision too
             t = self.steps
@@ -483,17 +737,26 @@ class VaSSORe(VaSSO):
         super()._end_of_step(slots)
         self._decision = None
 
+    def _commit_step(self) -> None:
+        self.criterion.commit(self.state)
+        super()._commit_step()
+
+    def _record(self) -> Dict[str, Any]:
+        record = super()._record()
+        record.update(decision=self._decision, criterion=self.criterion.snapshot())
+        return record
+
+    def _restore_record(self, record: Dict[str, Any]) -> None:
+        super()._restore_record(record)
+        self._decision = record["decision"]
+        self.criterion.restore(record["criterion"])
+
     def _mean_over_ranks(self, stats: torch.Tensor) -> torch.Tensor:
-        """Average criterion statistics over the ranks when torch.distributed is initialized
-        (within the process group of a DDP `model`, else the default group), so that every
-        rank derives the same decision from the same numbers: ranks that disagree would hang
-        DDP, one of them running a backward pass the others skip."""
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized():
-            ddp = find_ddp(self.model)
-            all_reduce_grads_([stats], average=True,
-                              group=ddp.process_group if ddp is not None else None)
-        return stats
+        """Criterion statistics made global and identical on every rank (averaged over DDP
+        ranks, summed over shards), so that every rank derives the same decision from the
+        same numbers: ranks that disagree would hang, one of them running a backward pass the
+        others skip."""
+        return self._agreed_sum(stats)
 
     def _step_result(self, at_w: Any, at_w_plus_e: Any) -> Any:
         return at_w_plus_e

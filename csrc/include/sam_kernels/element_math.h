@@ -21,14 +21,26 @@ SK_HOST_DEVICE double sk_sqrt(double x) { return sqrt(x); }
 SK_HOST_DEVICE float sk_abs(float x) { return fabsf(x); }
 SK_HOST_DEVICE double sk_abs(double x) { return fabs(x); }
 
-// sum_sq with weights: the element's contribution is ((|w| + eta) * x)^2.
+// Every reduction squares (or multiplies) its terms and sums them in double whatever the data
+// type: an fp32 square overflows from |v| ~ 1.8e19, and a finite gradient must give a finite
+// norm. Exact for fp16/bf16/fp32 values (their squares fit double's 53-bit mantissa).
 template <typename T>
-SK_HOST_DEVICE T weighted_square(T x, T w, T eta) {
-  const T y = (sk_abs(w) + eta) * x;
-  return y * y;
+SK_HOST_DEVICE double square_sum_term(T v) {
+  const double d = static_cast<double>(static_cast<float>(v));
+  return d * d;
+}
+SK_HOST_DEVICE double square_sum_term(double v) { return v * v; }
+
+// sum_sq with weights: the element's term ((|w| + eta) * x)^2, the product in T, squared in
+// double (square_sum_term).
+template <typename T>
+SK_HOST_DEVICE double weighted_square(T x, T w, T eta) {
+  return square_sum_term((sk_abs(w) + eta) * x);
 }
 
 // perturb_: scale = rho / (sqrt(sum_sq) + eps), read from the device scalar by every thread.
+// The kernels evaluate it (and orth_coefficient) in double, from the float64 reductions, and
+// round the result to the element maths type: sums beyond fp32's range still give a scale.
 template <typename T>
 SK_HOST_DEVICE T perturb_scale(T sum_sq, T rho, T eps) {
   return rho / (sk_sqrt(sum_sq) + eps);

@@ -5,7 +5,9 @@ Triton interpreter (TRITON_INTERPRET=1 set before triton is imported).
 The functions have the signatures of sam_kernels.ops.reference and are registered as
 `torch.ops.sam_kernels_triton.*` custom ops with fake implementations, so torch.compile traces
 through them. Elements per program: `set_block_size(n)`, `with block_size(n): ...`, or
-$SAM_KERNELS_TRITON_BLOCK (see utils.DEFAULT_BLOCK). See docs/triton.md.
+$SAM_KERNELS_TRITON_BLOCK (see utils.DEFAULT_BLOCK). Launch plans (device tables) are cached:
+cache_info(), clear_cache(); the ones a captured CUDA graph reads stay alive until
+release_graph_tables(). See docs/triton.md.
 """
 from typing import List, Sequence
 
@@ -14,14 +16,14 @@ import torch
 from .. import _checks
 from . import elementwise, reductions
 from .utils import (BLOCK_ENV_VAR, DEFAULT_BLOCK, block_size, cache_info, clear_cache,
-                    get_block_size, interpreting, set_block_size)
+                    get_block_size, interpreting, release_graph_tables, set_block_size)
 
 Tensors = Sequence[torch.Tensor]
 NAMESPACE = "sam_kernels_triton"
 
 __all__ = ["sum_sq", "dot_sum_sq", "perturb_", "restore_", "orth_combine_", "lerp_sum_sq_",
            "axpby_", "block_size", "set_block_size", "get_block_size", "BLOCK_ENV_VAR",
-           "DEFAULT_BLOCK", "cache_info", "clear_cache", "interpreting"]
+           "DEFAULT_BLOCK", "cache_info", "clear_cache", "release_graph_tables", "interpreting"]
 
 
 def _fake_reduction(xs: List[torch.Tensor], shape) -> torch.Tensor:
@@ -96,32 +98,63 @@ _orth_combine_.register_fake(
 _axpby_.register_fake(lambda ys, xs, a, b: _checks.check_axpby(ys, xs))
 
 
-# The backend contract (same signatures as sam_kernels.ops.reference).
+# The backend contract (same signatures as sam_kernels.ops.reference). Before the custom op:
+# argument types (the op's schema parser would raise an error naming no argument), tensors that
+# require grad with grad mode on, and the read lists re-laid out where their memory order
+# differs from the first list's (_checks.aligned); the rest of the checks run once per launch
+# plan (utils.plan). The device scalar is not part of a plan's key, so its aliasing with a
+# written tensor is looked at on every call (and then reported by the full checks, in order).
+def _check_scalar_alias(op: str, check, written: Sequence[Tensors], scalar) -> None:
+    if isinstance(scalar, torch.Tensor) and _checks.overlaps_any(written, scalar):
+        check()
+
+
 def sum_sq(xs: Tensors, weights: Tensors, eta: float) -> torch.Tensor:
+    _checks.check_types("sum_sq", [("xs", xs), ("weights", weights)])
+    weights = _checks.aligned(xs, weights) if weights else weights
     return _sum_sq(list(xs), list(weights), float(eta))
 
 
 def dot_sum_sq(a: Tensors, b: Tensors) -> torch.Tensor:
-    return _dot_sum_sq(list(a), list(b))
+    _checks.check_types("dot_sum_sq", [("a", a), ("b", b)])
+    return _dot_sum_sq(list(a), _checks.aligned(a, b))
 
 
 def perturb_(params: Tensors, dirs: Tensors, sum_sq: torch.Tensor, rho: float, eps: float,
              adaptive: bool, eta: float, backup: Tensors) -> None:
+    _checks.check_types("perturb_", [("params", params), ("dirs", dirs), ("backup", backup)],
+                        ("sum_sq", sum_sq, 1))
+    _checks.check_grad_mode("perturb_", [("params", params), ("dirs", dirs), ("backup", backup)],
+                            ("sum_sq", sum_sq))
+    dirs = _checks.aligned(params, dirs)
+    _check_scalar_alias("perturb_", lambda: _checks.check_perturb(params, dirs, sum_sq, backup),
+                        [params, backup], sum_sq)
     _perturb_(list(params), list(dirs), sum_sq, float(rho), float(eps), bool(adaptive),
               float(eta), list(backup))
 
 
 def restore_(params: Tensors, backup: Tensors) -> None:
-    _restore_(list(params), list(backup))
+    _checks.check_types("restore_", [("params", params), ("backup", backup)])
+    _checks.check_grad_mode("restore_", [("params", params), ("backup", backup)])
+    _restore_(list(params), _checks.aligned(params, backup))
 
 
 def orth_combine_(d: Tensors, m: Tensors, stats: torch.Tensor, gamma: float, eps: float) -> None:
+    _checks.check_types("orth_combine_", [("d", d), ("m", m)], ("stats", stats, 3))
+    _checks.check_grad_mode("orth_combine_", [("d", d), ("m", m)], ("stats", stats))
+    m = _checks.aligned(d, m)
+    _check_scalar_alias("orth_combine_", lambda: _checks.check_orth_combine(d, m, stats), [d],
+                        stats)
     _orth_combine_(list(d), list(m), stats, float(gamma), float(eps))
 
 
 def lerp_sum_sq_(ema: Tensors, g: Tensors, theta: float) -> torch.Tensor:
-    return _lerp_sum_sq_(list(ema), list(g), float(theta))
+    _checks.check_types("lerp_sum_sq_", [("ema", ema), ("g", g)])
+    _checks.check_grad_mode("lerp_sum_sq_", [("ema", ema), ("g", g)])
+    return _lerp_sum_sq_(list(ema), _checks.aligned(ema, g), float(theta))
 
 
 def axpby_(ys: Tensors, xs: Tensors, a: float, b: float) -> None:
-    _axpby_(list(ys), list(xs), float(a), float(b))
+    _checks.check_types("axpby_", [("ys", ys), ("xs", xs)])
+    _checks.check_grad_mode("axpby_", [("ys", ys), ("xs", xs)])
+    _axpby_(list(ys), _checks.aligned(ys, xs), float(a), float(b))

@@ -28,10 +28,17 @@ def sk_div(x, y):
 
 
 @device_function
+def square_sum_term(v):
+    """A reduction's term v², in fp64 whatever v's type (a finite fp32 gradient must give a
+    finite norm; an fp32 square overflows from |v| ~ 1.8e19)."""
+    v64 = v.to(tl.float64)
+    return v64 * v64
+
+
+@device_function
 def weighted_square(x, w, eta):
-    """sum_sq with weights: ((|w| + eta) * x)^2."""
-    y = (tl.abs(w) + eta) * x
-    return y * y
+    """sum_sq with weights: ((|w| + eta) * x)^2, the product in x's type, squared in fp64."""
+    return square_sum_term((tl.abs(w) + eta) * x)
 
 
 @device_function

@@ -39,8 +39,10 @@ def _perturb_kernel(table, n_tensors, sum_sq_ptr, rho: tl.float64, eps: tl.float
         b_ptr = blocks.list_ptr(table, n_tensors, 2, tensor, DTYPE, ALIGNED)
     else:
         b_ptr = p_ptr
-    scale = element_math.perturb_scale(tl.load(sum_sq_ptr).to(ACC), blocks.scalar_arg(rho, ACC),
-                                       blocks.scalar_arg(eps, ACC))
+    # in fp64 from the float64 sum (which may exceed fp32's range), then rounded, as in C++/CUDA
+    scale = element_math.perturb_scale(tl.load(sum_sq_ptr).to(tl.float64),
+                                       blocks.scalar_arg(rho, tl.float64),
+                                       blocks.scalar_arg(eps, tl.float64)).to(ACC)
     offsets = start + tl.arange(0, BLOCK)
     eta_acc = blocks.scalar_arg(eta, ACC)
     if start + BLOCK <= numel:
@@ -81,10 +83,11 @@ def _orth_combine_kernel(table, n_tensors, stats_ptr, stats_stride, gamma: tl.fl
     tensor, start, numel = blocks.program_block(table, n_tensors, N_LISTS, BLOCK)
     d_ptr = blocks.list_ptr(table, n_tensors, 0, tensor, DTYPE, ALIGNED)
     m_ptr = blocks.list_ptr(table, n_tensors, 1, tensor, DTYPE, ALIGNED)
-    coef = element_math.orth_coefficient(tl.load(stats_ptr).to(ACC),
-                                         tl.load(stats_ptr + stats_stride).to(ACC),
-                                         tl.load(stats_ptr + 2 * stats_stride).to(ACC),
-                                         blocks.scalar_arg(eps, ACC))
+    # in fp64 from the float64 stats (which may exceed fp32's range), then rounded, as in C++/CUDA
+    coef = element_math.orth_coefficient(tl.load(stats_ptr).to(tl.float64),
+                                         tl.load(stats_ptr + stats_stride).to(tl.float64),
+                                         tl.load(stats_ptr + 2 * stats_stride).to(tl.float64),
+                                         blocks.scalar_arg(eps, tl.float64)).to(ACC)
     offsets = start + tl.arange(0, BLOCK)
     gamma_acc = blocks.scalar_arg(gamma, ACC)
     if start + BLOCK <= numel:
@@ -174,4 +177,9 @@ def orth_combine_(d: Tensors, m: Tensors, stats: torch.Tensor, gamma: float, eps
 def axpby_(ys: Tensors, xs: Tensors, a: float, b: float) -> None:
     plan = _checked_plan("axpby_", [ys, xs], lambda: _checks.check_axpby(ys, xs))
     if plan is not None:
-        _launch(plan, _axpby_kernel, float(a), float(b), B_IS_ZERO=float(b) == 0.0)
+        a, b = float(a), float(b)
+        with utils.device_guard(plan.device):
+            for group in plan.groups:
+                # b is "zero" (ys not read) when it is zero in the group's accumulation type,
+                # as for the C++/CUDA kernels after their cast (b = 1e-50 is 0 in fp32)
+                group.launch(_axpby_kernel, a, b, B_IS_ZERO=utils.rounds_to_zero(b, group.dtype))

@@ -22,9 +22,13 @@ def _finalize_kernel(partials, n_partials, out, N_OUT: tl.constexpr, FBLOCK: tl.
     """out[k] = Σ_i partials[i * N_OUT + k], in index order of FBLOCK-wide lanes."""
     for k in tl.static_range(N_OUT):
         acc = tl.full([FBLOCK], 0, tl.float64)
-        for first in range(0, n_partials, FBLOCK):
+        # A while loop, not range(0, n_partials, FBLOCK): Triton 3.6's interpreter cannot take
+        # a runtime bound for range() under numpy >= 2.4 (int() of a 1-element array).
+        first = 0
+        while first < n_partials:
             idx = first + tl.arange(0, FBLOCK)
             acc += tl.load(partials + idx * N_OUT + k, mask=idx < n_partials, other=0.0)
+            first += FBLOCK
         tl.store(out + k, blocks.block_sum(acc, axis=0).to(out.dtype.element_ty))
 
 
@@ -36,7 +40,7 @@ def _sum_sq_block(x_ptr, w_ptr, offsets, numel, eta, WEIGHTED: tl.constexpr, ACC
         w = blocks.load(w_ptr, offsets, numel, MASKED).to(ACC)
         squares = element_math.weighted_square(x, w, eta)
     else:
-        squares = x * x
+        squares = element_math.square_sum_term(x)
     return blocks.block_sum(squares, axis=0)
 
 
@@ -61,8 +65,9 @@ def _sum_sq_kernel(table, n_tensors, partials, first_partial, eta: tl.float64,
 
 @device_function
 def _dot_sum_sq_block(a_ptr, b_ptr, offsets, numel, ACC: tl.constexpr, MASKED: tl.constexpr):
-    a = blocks.load(a_ptr, offsets, numel, MASKED).to(ACC)
-    b = blocks.load(b_ptr, offsets, numel, MASKED).to(ACC)
+    # products and squares in fp64 (finite inputs give finite sums), as the C++/CUDA kernels
+    a = blocks.load(a_ptr, offsets, numel, MASKED).to(tl.float64)
+    b = blocks.load(b_ptr, offsets, numel, MASKED).to(tl.float64)
     return (blocks.block_sum(a * b, axis=0), blocks.block_sum(a * a, axis=0),
             blocks.block_sum(b * b, axis=0))
 
@@ -93,8 +98,7 @@ def _lerp_sum_sq_block(e_ptr, g_ptr, offsets, numel, theta, DTYPE: tl.constexpr,
     stored = element_math.lerped(e, g, theta).to(DTYPE)
     blocks.store(e_ptr, offsets, stored, numel, MASKED)
     # The norm is of the value as stored, so it matches the direction used afterwards.
-    s = stored.to(ACC)
-    return blocks.block_sum(s * s, axis=0)
+    return blocks.block_sum(element_math.square_sum_term(stored), axis=0)
 
 
 @triton.jit
@@ -122,7 +126,7 @@ def _reduce(op: str, lists: Sequence[Tensors], check, n_out: int, kernel, *args,
     shape = () if n_out == 1 else (n_out,)
     if not lists[0]:
         check()
-        return torch.zeros(shape, dtype=torch.float32)
+        return torch.zeros(shape, dtype=_checks.REDUCTION_DTYPE)
     plan = utils.plan(op, lists, check)
     dtype = _checks.reduction_dtype(lists[0])
     with utils.device_guard(plan.device):

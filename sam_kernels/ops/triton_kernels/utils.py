@@ -2,13 +2,20 @@
 the cached launch plans — a call's tensors grouped by dtype, each group with a device table of
 pointers / sizes / program map that lets one launch cover the whole group.
 
-Table layout (one int64 device tensor per dtype group, `n` tensors, `k` lists, `P` programs)::
+Tensors are grouped by dtype and, within a dtype, by whether every list's data pointer is 16-byte
+aligned (so one offset view does not drop its whole dtype group to scalar accesses). Table
+layout (one int64 device tensor per group, `n` tensors, `k` lists, `P` programs)::
 
     [ptr(list 0, tensor 0..n-1) | ... | ptr(list k-1, ...) | numel(0..n-1) | (tensor, block) * P]
 
 Program `pid` handles elements [block * BLOCK, (block + 1) * BLOCK) of tensor `tensor`, counted
 in memory order (tensors are dense, paired lists share a layout, so that is the same element of
 every list).
+
+Nothing here waits for the GPU: a table is filled in pinned host memory and copied with a
+non-blocking copy on the current stream; the pinned buffer lives as long as its table. Tables
+used while a CUDA graph is being captured are kept alive for the graph (see
+`release_graph_tables`).
 """
 import collections
 import contextlib
@@ -30,7 +37,13 @@ BLOCK_ENV_VAR = "SAM_KERNELS_TRITON_BLOCK"
 #: elements (four 16-byte vector loads) per thread, the usual shape of bandwidth-bound Triton
 #: kernels. Not tuned on a GPU here: `python -m sam_kernels.check` times other sizes.
 DEFAULT_BLOCK = 4096
-MIN_BLOCK, MAX_BLOCK = 16, 1 << 16
+#: 16384 at most: compiled for sm_90, 65536 spilled 1-5 KiB per thread to local memory (fp32
+#: and fp64), 16384 fp32 did not (tests/test_triton.py checks the largest blocks compile
+#: without spilling).
+MIN_BLOCK, MAX_BLOCK = 16, 1 << 14
+#: Bytes of one list a program covers at most: fp64 groups run at most 8192 elements per
+#: program (16384 fp64 spilled 240 bytes per thread on sm_90; 8192 did not).
+MAX_PROGRAM_BYTES = 1 << 16
 #: Elements of the partials buffer each finalize iteration reads.
 FINALIZE_BLOCK = 1024
 #: Contract a*b+c into FMAs, as nvcc does for the CUDA backend (Triton 3.9's default, set
@@ -96,6 +109,20 @@ def block_size(value: int) -> Iterator[None]:
 def num_warps(block: int) -> int:
     """Warps per program: 8-16 elements per thread, 1 to 16 warps."""
     return max(1, min(16, block // 512))
+
+
+def group_block(block: int, dtype: torch.dtype) -> int:
+    """Elements per program for a group of `dtype`: the setting, capped at MAX_PROGRAM_BYTES."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return min(block, MAX_PROGRAM_BYTES // itemsize)
+
+
+def rounds_to_zero(x: float, dtype: torch.dtype) -> bool:
+    """Whether `x` is 0 in the accumulation type of `dtype` (fp64 for fp64, else fp32), as the
+    C++/CUDA kernels see it after their cast: |x| <= 2^-150 rounds to an fp32 zero."""
+    if dtype == torch.float64:
+        return x == 0.0
+    return abs(x) <= 2.0 ** -150
 
 
 # ---------------------------------------------------------------------------- devices
@@ -183,16 +210,42 @@ def check_scalar_device(op: str, name: str, t: torch.Tensor, device: torch.devic
 # ---------------------------------------------------------------------------- tables
 @dataclass(frozen=True)
 class TensorTable:
-    """Device table of one dtype group; see the module docstring for the layout."""
+    """Device table of one group; see the module docstring for the layout."""
     table: torch.Tensor
     n_tensors: int
     n_programs: int
     aligned: bool  # every data pointer is 16-byte aligned (lets the compiler vectorise)
+    #: the pinned host copy the device table was copied from (CUDA; None on CPU). Kept with the
+    #: table so the non-blocking copy (and a CUDA graph that captured it) never reads freed
+    #: host memory.
+    staging: Optional[torch.Tensor] = None
 
 
-def build_table(lists: Sequence[Tensors], block: int) -> TensorTable:
-    """The device table of paired `lists` (same length, same numels) at `block` elements per
-    program: one host tensor, one copy to the device."""
+def upload(host: torch.Tensor, device: torch.device
+           ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """`host` (an int64 CPU tensor) on `device`, without waiting for the GPU: through a pinned
+    buffer and a non-blocking copy on the current stream (a pageable `host.to(device)` is a
+    cudaStreamSynchronize: it blocks the host, raises under sync-debug mode "error" and breaks
+    CUDA-graph capture). Returns (device tensor, pinned buffer or None)."""
+    if device.type != "cuda":
+        return host, None
+    staging = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+    staging.copy_(host)
+    table = torch.empty(host.shape, dtype=host.dtype, device=device)
+    table.copy_(staging, non_blocking=True)
+    return table, staging
+
+
+def _aligned(lists: Sequence[Tensors], i: int) -> bool:
+    """Tensor i of every list starts 16-byte aligned (an empty tensor counts as aligned: it
+    gets no program, so its possibly null address never counts)."""
+    return lists[0][i].numel() == 0 or all(xs[i].data_ptr() % 16 == 0 for xs in lists)
+
+
+def build_table(lists: Sequence[Tensors], block: int,
+                device: Optional[torch.device] = None) -> TensorTable:
+    """The table of paired `lists` (same length, same numels) at `block` elements per program
+    on `device` (default: the tensors' device): one host tensor, one upload()."""
     numel_list = [t.numel() for t in lists[0]]
     ptr_list = [t.data_ptr() for xs in lists for t in xs]
     n = len(numel_list)
@@ -203,17 +256,25 @@ def build_table(lists: Sequence[Tensors], block: int) -> TensorTable:
     block_of = torch.arange(tensor_of.numel(), dtype=torch.int64) - first_program[tensor_of]
     program_map = torch.stack([tensor_of, block_of], 1).reshape(-1)
     host = torch.cat([torch.tensor(ptr_list, dtype=torch.int64), numels, program_map])
-    # Empty tensors get no program, so their (possibly null) addresses never count.
-    used = [p for p, size in zip(ptr_list, numel_list * len(lists)) if size > 0]
-    aligned = all(p % 16 == 0 for p in used)
-    return TensorTable(host.to(lists[0][0].device), n, int(tensor_of.numel()), aligned)
+    aligned = all(_aligned(lists, i) for i in range(n))
+    table, staging = upload(host, lists[0][0].device if device is None else device)
+    return TensorTable(table, n, int(tensor_of.numel()), aligned, staging)
 
 
 def dtype_groups(xs: Tensors) -> Dict[torch.dtype, List[int]]:
-    """Indices of `xs` by dtype, in first-seen order (each group is one launch)."""
+    """Indices of `xs` by dtype, in first-seen order."""
     groups: Dict[torch.dtype, List[int]] = {}
     for i, t in enumerate(xs):
         groups.setdefault(t.dtype, []).append(i)
+    return groups
+
+
+def launch_groups(lists: Sequence[Tensors]) -> Dict[Tuple[torch.dtype, bool], List[int]]:
+    """Indices of the paired `lists` by (dtype, aligned), in first-seen order: each group is
+    one launch, and a misaligned view costs only its own group the vector accesses."""
+    groups: Dict[Tuple[torch.dtype, bool], List[int]] = {}
+    for i, t in enumerate(lists[0]):
+        groups.setdefault((t.dtype, _aligned(lists, i)), []).append(i)
     return groups
 
 
@@ -244,31 +305,60 @@ class Plan:
 
 
 def group_launches(lists: Sequence[Tensors], block: int) -> Tuple[GroupLaunch, ...]:
-    """Per dtype group of the paired `lists` (grouped by the first list's dtypes), a freshly
-    built table; groups with no element are left out."""
+    """Per (dtype, aligned) group of the paired `lists`, a freshly built table at the group's
+    block size (group_block); groups with no element are left out."""
     launches = []
-    for dtype, idx in dtype_groups(lists[0]).items():
+    for (dtype, _), idx in launch_groups(lists).items():
         group = [[xs[i] for i in idx] for xs in lists] if len(idx) < len(lists[0]) else lists
-        table = build_table(group, block)
+        size = group_block(block, dtype)
+        table = build_table(group, size)
         if table.n_programs:
-            launches.append(GroupLaunch(dtype, table, len(lists), block))
+            launches.append(GroupLaunch(dtype, table, len(lists), size))
     return tuple(launches)
 
 
 _plans: "collections.OrderedDict[tuple, Plan]" = collections.OrderedDict()
 _plans_lock = threading.Lock()
 _stats = {"hits": 0, "misses": 0}
+#: Plans launched while a CUDA graph was being captured, by id: the graph replays launches that
+#: read these device tables (and copies from their pinned buffers), so neither the cache's
+#: eviction nor clear_cache() may free them. Released by release_graph_tables() only.
+_held_by_graphs: Dict[int, Plan] = {}
 
 
 def cache_info() -> Dict[str, int]:
-    """Launch-plan cache counters: hits, misses (validations + table builds) and size."""
-    return {**_stats, "size": len(_plans)}
+    """Launch-plan cache counters: hits, misses (validations + table builds), size, and the
+    plans kept alive for captured CUDA graphs."""
+    return {**_stats, "size": len(_plans), "held_by_graphs": len(_held_by_graphs)}
 
 
 def clear_cache() -> None:
+    """Forget the cached plans (not those a captured CUDA graph reads: release_graph_tables)."""
     with _plans_lock:
         _plans.clear()
         _stats["hits"] = _stats["misses"] = 0
+
+
+def release_graph_tables() -> int:
+    """Let go of the tables kept for CUDA graphs that captured Triton launches of this package;
+    call it only once those graphs are destroyed (or will never be replayed). Returns how many
+    plans were released."""
+    with _plans_lock:
+        count = len(_held_by_graphs)
+        _held_by_graphs.clear()
+    return count
+
+
+def graph_capturing(device: torch.device) -> bool:
+    """Whether the current stream of `device` is capturing a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _hold_if_capturing(found: Plan) -> Plan:
+    if graph_capturing(found.device):
+        with _plans_lock:
+            _held_by_graphs[id(found)] = found
+    return found
 
 
 def _signature(lists: Sequence[Tensors]) -> Optional[tuple]:
@@ -299,7 +389,8 @@ def plan(op: str, lists: Sequence[Tensors], check: Callable[[], None]) -> Plan:
             if found is not None:
                 _plans.move_to_end(key)
                 _stats["hits"] += 1
-                return found
+        if found is not None:
+            return _hold_if_capturing(found)
     check()
     device = lists[0][0].device
     check_device(op, device)
@@ -311,7 +402,7 @@ def plan(op: str, lists: Sequence[Tensors], check: Callable[[], None]) -> Plan:
             _plans[key] = built
             while len(_plans) > PLAN_CACHE_SIZE:
                 _plans.popitem(last=False)
-    return built
+    return _hold_if_capturing(built)
 
 
 def launch(kernel, grid: int, *args, **kwargs) -> None:

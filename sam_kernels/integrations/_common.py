@@ -1,0 +1,49 @@
+"""What the integrations share; imports nothing but torch and the optimizers."""
+from typing import Optional
+
+import torch
+
+from ..optim.base import SharpnessAwareOptimizer, find_ddp  # noqa: F401
+
+
+def require_sam(optimizer, where: str) -> SharpnessAwareOptimizer:
+    if not isinstance(optimizer, SharpnessAwareOptimizer):
+        raise TypeError(f"{where} needs a sam_kernels optimizer (SAM, GSAM, GAM, VaSSO, VaSSORe, "
+                        f"VaSSOReMu), got {type(optimizer).__name__}")
+    return optimizer
+
+
+def attach_model(optimizer: SharpnessAwareOptimizer, model: Optional[torch.nn.Module]) -> None:
+    """Point `optimizer.model` at the module the training loop actually runs (e.g. the DDP
+    wrapper a framework made after the optimizer was built), so that pass 1 runs per rank
+    and BatchNorm statistics freeze at w + e. The optimizer looks the DDP module up once, at
+    construction, so the lookup is refreshed here."""
+    if model is None or optimizer.model is model:
+        return
+    hook = getattr(optimizer, "set_model", None)  # the base class's own hook, when it has one
+    if callable(hook):
+        hook(model)
+        return
+    # until the base class has that hook: redo what its __init__ does with `model`
+    if hasattr(optimizer, "_dist"):
+        from ..optim import distributed
+        strategy = distributed.choose([p for g in optimizer.param_groups for p in g["params"]],
+                                      model)
+        optimizer.model, optimizer._dist = model, strategy
+    elif hasattr(optimizer, "_ddp_module"):
+        optimizer.model, optimizer._ddp_module = model, find_ddp(model)
+    else:
+        raise RuntimeError("sam_kernels.integrations: the optimizer keeps its DDP module in a "
+                           "way attach_model() does not know; update "
+                           "sam_kernels/integrations/_common.py")
+
+
+def update_scaler(optimizer: SharpnessAwareOptimizer) -> Optional[bool]:
+    """After a step with a GradScaler: `scaler.update()`, and whether the step was skipped
+    (the scale backs off exactly when some pass had inf/NaN). None without a scaler."""
+    scaler = optimizer.grad_scaler
+    if scaler is None or not scaler.is_enabled():
+        return None
+    before = scaler.get_scale()
+    scaler.update()
+    return scaler.get_scale() < before
