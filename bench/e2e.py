@@ -95,10 +95,39 @@ E2E_ALGOS: List[E2EAlgo] = [
     _vassore("gSAMratio"),
     _vassore("cosSim"),
     _vassore("gSAMflat", mu=True),
+    # issue 14: the variants that cut the second pass, next to SAM (passes per step tell)
+    E2EAlgo("SAM(interval=5)", "SAM", dict(rho=0.05, interval=5)),
+    E2EAlgo("LookSAM(k=5)", "LookSAM", dict(rho=0.05, k=5, alpha=0.7)),
+    E2EAlgo("LookSAM(k=5, tensor)", "LookSAM", dict(rho=0.05, k=5, alpha=0.7,
+                                                    granularity="tensor")),
+    E2EAlgo("MSAM", "MomentumSAM", dict(rho=0.05), two_pass=False),
+    E2EAlgo("FriendlySAM", "FriendlySAM", dict(rho=0.05, sigma=1.0, lmbda=0.9)),
+    E2EAlgo("SAM-ON", "SAM", {}, build=lambda m: sam_kernels.SAM(
+        sam_kernels.sam_on_param_groups(m, rho=0.5), torch.optim.SGD, model=m, **BASE_KWARGS)),
+    E2EAlgo("LookSAM(k=5) pytorch-optimizer", None, {}, build=lambda m: _po().LookSAM(
+        m.parameters(), torch.optim.SGD, rho=0.05, k=5, alpha=0.7, **BASE_KWARGS),
+        caller_runs_first_pass=True),
+    E2EAlgo("FriendlySAM pytorch-optimizer", None, {}, build=lambda m: _po().FriendlySAM(
+        m.parameters(), torch.optim.SGD, rho=0.05, sigma=1.0, lmbda=0.9, **BASE_KWARGS),
+        caller_runs_first_pass=True),
 ]
 
 
-DEFAULT_E2E = ("SAM", "VaSSORe(gSAMflat)")  # the rows with goals; SGD always runs
+DEFAULT_E2E = ("SAM", "VaSSORe(gSAMflat)", "LookSAM(k=5)", "MSAM")  # rows with goals
+#: issue 14's rows: the efficient variants next to SAM (`--e2e-algos efficient`)
+EFFICIENT_E2E = ("SAM", "SAM(interval=5)", "LookSAM(k=5)", "LookSAM(k=5, tensor)", "MSAM",
+                 "FriendlySAM", "SAM-ON", "LookSAM(k=5) pytorch-optimizer",
+                 "FriendlySAM pytorch-optimizer")
+
+
+def _po():
+    """pytorch-optimizer, for the rows that compare with it (a clear error when missing)."""
+    try:
+        import pytorch_optimizer
+    except ImportError as exc:
+        raise RuntimeError("pytorch-optimizer is not installed (pip install "
+                           "pytorch-optimizer)") from exc
+    return pytorch_optimizer
 
 
 class _Trainer:

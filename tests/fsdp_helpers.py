@@ -147,6 +147,11 @@ def local_state(module):
             list(module.buffers())]
 
 
+def local_params(module):
+    """This rank's local shards of the parameters (copies)."""
+    return [local(p).detach().clone() for p in module.parameters()]
+
+
 def load_local_state(module, saved):
     with torch.no_grad():
         for t, s in zip(list(module.parameters()) + list(module.buffers()), saved):

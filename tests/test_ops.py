@@ -17,8 +17,9 @@ CPU_CHUNK = 65536  # csrc/cpu/multi_tensor_cpu.h kChunkElems
 # the absolute values of the formula's terms (so cancellation cannot shrink the bound to 0).
 # The kernels compute in fp32 (fp64 for fp64) and round once on store: fp16/bf16 get 1 ulp
 # (eps * |x|), which also admits the Triton interpreter's truncating fp32 -> bf16 store; the fp16
-# atol is the spacing of its subnormals. Reductions accumulate in fp32 (fp64 for fp64) whatever
-# the input dtype, so `sum_rtol` (relative to the sum of |terms|) depends on that only.
+# atol is the spacing of its subnormals. Reductions square and sum in fp64 whatever the input
+# dtype: their terms are exact (x² of an fp32 x fits fp64), only weighted sum_sq rounds its
+# product (|w| + eta) · x in fp32 first, hence `sum_rtol` (relative to the sum of |terms|).
 TOL = {
     torch.float64: (1e-12, 0.0, 1e-12),
     torch.float32: (2e-6, 0.0, 2e-5),
@@ -97,7 +98,7 @@ def f64(xs):
 
 
 def reduction_dtype(specs):
-    return torch.float64 if any(s.dtype == torch.float64 for s in specs) else torch.float32
+    return torch.float64  # every reduction, whatever the input dtypes
 
 
 def skip_unless_device_known(specs, device):
@@ -152,8 +153,8 @@ def sum_tol(specs, abs_terms):
 
 
 def assert_close_sum(actual, expected, tol, specs, device, what):
-    """A reduction result: dtype (float64 if any input is, else float32), device, shape, and the
-    value within `tol` of the float64 sums."""
+    """A reduction result: dtype (float64), device, shape, and the value within `tol` of the
+    float64 sums."""
     dtype = reduction_dtype(specs)
     assert actual.dtype == dtype, f"{what}: dtype {actual.dtype}, expected {dtype}"
     assert actual.device.type == torch.device(device).type, f"{what}: on {actual.device}"
@@ -421,17 +422,42 @@ def test_results_are_bitwise_reproducible(backend_device):
     assert_bitwise_equal(_run_every_op(backend, inputs), first, "second run")
 
 
-def test_cpu_results_do_not_depend_on_the_thread_count():
-    if "cpu" not in ops.available_backends("cpu"):
-        pytest.skip("the cpu backend is not built")
+@pytest.mark.parametrize("backend", [b for b in ("reference", "cpu")
+                                     if b in ops.available_backends("cpu")])
+def test_cpu_results_do_not_depend_on_the_thread_count(backend):
     inputs = [make(DETERMINISM_SPECS, "cpu") for _ in range(3)]
     torch.set_num_threads(1)
-    one = _run_every_op("cpu", inputs)
+    one = _run_every_op(backend, inputs)
     torch.set_num_threads(2)
-    assert_bitwise_equal(_run_every_op("cpu", inputs), one, "2 threads vs 1")
+    assert_bitwise_equal(_run_every_op(backend, inputs), one, "2 threads vs 1")
+
+
+def test_reference_dot_sum_sq_does_not_depend_on_the_thread_count():
+    """The issue's case: two 100,000-element vectors gave different sums with 1 and 2 threads
+    (torch splits one large reduction across threads); the reference now sums fixed rows."""
+    a, b = [torch.randn(100_000)], [torch.randn(100_000)]
+    torch.set_num_threads(1)
+    one = ops.dot_sum_sq(a, b, backend="reference")
+    torch.set_num_threads(2)
+    assert_bitwise_equal([ops.dot_sum_sq(a, b, backend="reference")], [one], "2 threads vs 1")
 
 
 # ---------------------------------------------------------------------------- bad input
+@pytest.fixture(params=ops.available_backends("cpu"))
+def backend(request):
+    """A backend that runs on CPU tensors (the autograd tests use CPU tensors)."""
+    return request.param
+
+
+def _dev(lists):
+    """The device of the first tensor found in `lists` (which may hold wrong types)."""
+    for xs in lists:
+        for t in (xs if isinstance(xs, list) else []):
+            if isinstance(t, torch.Tensor):
+                return t.device
+    return "cpu"
+
+
 def _call(op, lists, backend):
     """Calls primitive `op` with `lists` (its tensor-list arguments in order) and fixed scalars."""
     if op == "sum_sq":
@@ -439,12 +465,12 @@ def _call(op, lists, backend):
     if op == "dot_sum_sq":
         return ops.dot_sum_sq(*lists, backend=backend)
     if op == "perturb_":
-        s = torch.ones((), device=lists[0][0].device)
+        s = torch.ones((), device=_dev(lists))
         return ops.perturb_(lists[0], lists[1], s, 0.05, 1e-12, backup=lists[2], backend=backend)
     if op == "restore_":
         return ops.restore_(*lists, backend=backend)
     if op == "orth_combine_":
-        stats = torch.ones(3, device=lists[0][0].device)
+        stats = torch.ones(3, device=_dev(lists))
         return ops.orth_combine_(*lists, stats, 0.5, 1e-12, backend=backend)
     if op == "lerp_sum_sq_":
         return ops.lerp_sum_sq_(*lists, 0.3, backend=backend)
@@ -454,12 +480,16 @@ def _call(op, lists, backend):
 LIST_NAMES = {"sum_sq": ("xs", "weights"), "dot_sum_sq": ("a", "b"),
               "perturb_": ("params", "dirs", "backup"), "restore_": ("params", "backup"),
               "orth_combine_": ("d", "m"), "lerp_sum_sq_": ("ema", "g"), "axpby_": ("ys", "xs")}
+WRITING_OPS = ("perturb_", "restore_", "orth_combine_", "lerp_sum_sq_", "axpby_")
+FLOAT8 = [getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+                                      "float8_e5m2fnuz", "float8_e8m0fnu") if hasattr(torch, n)]
 
 
 def _bad_lists(kind, n_lists, device):
     """`n_lists` tensor lists for one op: the first tensor of each is valid, the problem (of
-    `kind`) is in the second list. Returns the lists and the message regex, with {first} and
-    {second} standing for the lists' argument names."""
+    `kind`) is in the second list (in the first for "strided": a list the op only reads is
+    copied into its partner's layout, a first list is not). Returns the lists and the message
+    regex, with {first} and {second} standing for the lists' argument names."""
     good = lambda: [torch.randn(4, 5, device=device), torch.randn(7, device=device)]  # noqa: E731
     lists = [good() for _ in range(n_lists)]
     bad = lists[1]
@@ -476,6 +506,10 @@ def _bad_lists(kind, n_lists, device):
         bad[1] = torch.arange(7, device=device)
         return lists, (r"{second}\[1\] has dtype \S+; supported dtypes are float32, float64, "
                        r"float16 and bfloat16")
+    if kind.startswith("float8"):
+        bad[1] = bad[1].to(getattr(torch, kind))
+        return lists, (r"{second}\[1\] has dtype \S+; supported dtypes are float32, float64, "
+                       r"float16 and bfloat16")
     if kind == "sparse":
         bad[1] = bad[1].to_sparse()
         return lists, (r"{second}\[1\] is not a dense \(strided\) tensor; sparse tensors are "
@@ -484,13 +518,20 @@ def _bad_lists(kind, n_lists, device):
         bad[1] = torch.empty(7, device="meta")
         return lists, r"{second}\[1\] is on meta but this kernel runs on \w+ tensors"
     if kind == "strided":
-        bad[1] = torch.randn(14, device=device)[::2]
-        return lists, r"{second}\[1\] is not dense in memory"
+        lists[0][1] = torch.randn(14, device=device)[::2]
+        return lists, r"{first}\[1\] is not dense in memory"
     raise AssertionError(kind)
 
 
+def _snapshot_equal(lists, snapshot, what):
+    for now, before in zip(lists, snapshot):
+        pairs = [(x, y) for x, y in zip(now, before) if x.layout == torch.strided and
+                 x.device.type != "meta" and x.dtype in DTYPES]
+        assert_bitwise_equal([x for x, _ in pairs], [y for _, y in pairs], what)
+
+
 @pytest.mark.parametrize("kind", ["length", "shape", "dtype", "integer", "sparse", "meta",
-                                  "strided"])
+                                  "strided"] + [str(d)[6:] for d in FLOAT8])
 @pytest.mark.parametrize("op", list(LIST_NAMES))
 def test_bad_lists_raise_value_error_and_write_nothing(backend_device, op, kind):
     backend, device = backend_device
@@ -500,36 +541,428 @@ def test_bad_lists_raise_value_error_and_write_nothing(backend_device, op, kind)
     pattern = f"{op}: " + pattern.format(first=names[0], second=names[1])
     with pytest.raises(ValueError, match=pattern):
         _call(op, lists, backend)
-    for name, now, before in zip(names, lists, snapshot):
-        dense = [(x, y) for x, y in zip(now, before) if x.layout == torch.strided and
-                 x.device.type != "meta" and x.dtype.is_floating_point]
-        assert_bitwise_equal([x for x, _ in dense], [y for _, y in dense], f"{op} {name}")
+    _snapshot_equal(lists, snapshot, f"{op} after the error")
+
+
+@pytest.mark.parametrize("dtype", FLOAT8, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("op", list(LIST_NAMES))
+def test_float8_in_every_list_is_refused_before_any_write(backend_device, op, dtype):
+    """Every float8 variant (fnuz included) in any position, restore_ too: refused with the list
+    of supported dtypes, nothing written (the issue: cpu accepted fnuz and then failed after
+    writing, and restore_ copied them silently)."""
+    backend, device = backend_device
+    names = LIST_NAMES[op]
+    for pos in range(len(names)):
+        lists = [[torch.randn(6, device=device)] for _ in names]
+        lists[pos] = [lists[pos][0].to(dtype)]
+        snapshot = [[x.clone()] for (x,) in lists]
+        with pytest.raises(ValueError, match=rf"{op}: {names[pos]}\[0\] has dtype \S+; "
+                                             r"supported dtypes are float32, float64, "
+                                             r"float16 and bfloat16"):
+            _call(op, lists, backend)
+        for (now,), (before,) in zip(lists, snapshot):
+            assert torch.equal(now.view(torch.uint8), before.view(torch.uint8)), \
+                f"{op} wrote {names[pos]}"
 
 
 @pytest.mark.parametrize("op, scalar, size", [("perturb_", "sum_sq", 1),
                                               ("orth_combine_", "stats", 3)])
-def test_wrong_scalar_size_raises_and_writes_nothing(backend_device, op, scalar, size):
+@pytest.mark.parametrize("shape", ["more", "2d", "empty"])
+def test_wrong_scalar_shape_raises_and_writes_nothing(backend_device, op, scalar, size, shape):
+    """One rule on every backend: sum_sq has shape () or (1,), stats exactly (3,)."""
     backend, device = backend_device
     xs, ys = make(_uniform("odd-sizes", torch.float32), device), make(
         _uniform("odd-sizes", torch.float32), device)
     before = clone_all(xs)
-    wrong = torch.ones(size + 1, device=device)
-    with pytest.raises(ValueError, match=rf"{op}: {scalar} must have {size} element\(s\), got "
-                                         rf"shape \[{size + 1}\]"):
+    wrong = {"more": (size + 1,), "2d": (1, size), "empty": (0,)}[shape]
+    shown = str(list(wrong)).replace("[", r"\[").replace("]", r"\]")
+    with pytest.raises(ValueError, match=rf"{op}: {scalar} must have {size} element\(s\) "
+                                         rf"\(shape .*\), got shape {shown}"):
         if op == "perturb_":
-            ops.perturb_(xs, ys, wrong, 0.05, 1e-12, backend=backend)
+            ops.perturb_(xs, ys, torch.ones(wrong, device=device), 0.05, 1e-12, backend=backend)
         else:
-            ops.orth_combine_(xs, ys, wrong, 0.5, 1e-12, backend=backend)
+            ops.orth_combine_(xs, ys, torch.ones(wrong, device=device), 0.5, 1e-12,
+                              backend=backend)
     assert_bitwise_equal(xs, before, f"{op} after the error")
 
 
-def test_layout_mismatch_raises(backend_device):
+def test_non_contiguous_stats_is_refused_on_every_backend(backend_device):
     backend, device = backend_device
-    a = [torch.randn(2, 3, 5, 7, device=device).to(memory_format=torch.channels_last)]
-    b = [torch.randn(2, 3, 5, 7, device=device)]
-    with pytest.raises(ValueError, match=r"restore_: params\[0\] and backup\[0\] differ in memory "
-                                         r"layout"):
-        ops.restore_(a, b, backend=backend)
+    d, m = [torch.randn(5, device=device)], [torch.randn(5, device=device)]
+    before = clone_all(d)
+    stats = torch.ones(6, device=device)[::2]
+    with pytest.raises(ValueError, match=r"orth_combine_: stats must be contiguous; pass "
+                                         r"stats.contiguous\(\)"):
+        ops.orth_combine_(d, m, stats, 0.5, 1e-12, backend=backend)
+    assert_bitwise_equal(d, before, "d after the error")
+    ops.orth_combine_(d, m, stats.contiguous(), 0.5, 1e-12, backend=backend)  # the advice works
+
+
+def _type_cases(op, device):
+    """(lists, scalar) variants with one argument of a wrong type, and the message regex."""
+    names = LIST_NAMES[op]
+    good = lambda: [torch.randn(3, device=device)]  # noqa: E731
+    for pos, name in enumerate(names):
+        for bad, shown in ((1.5, "float"), (None, "NoneType"), ("ab", "str")):
+            lists = [good() for _ in names]
+            lists[pos] = [lists[pos][0], bad]
+            lists = [x if k == pos else x + [torch.randn(1, device=device)]
+                     for k, x in enumerate(lists)]
+            yield lists, None, rf"{op}: {name}\[1\] is a {shown}, expected a Tensor"
+        lists = [good() for _ in names]
+        lists[pos] = "abc"
+        yield lists, None, rf"{op}: {name} must be a list or tuple of Tensors, got str"
+        lists = [good() for _ in names]
+        lists[pos] = torch.randn(3, device=device)
+        yield lists, None, rf"{op}: {name} must be a list or tuple of Tensors, got Tensor"
+    scalar = {"perturb_": "sum_sq", "orth_combine_": "stats"}.get(op)
+    if scalar:
+        yield [good() for _ in names], 0.5, rf"{op}: {scalar} must be a Tensor, got float"
+
+
+@pytest.mark.parametrize("op", list(LIST_NAMES))
+def test_wrong_types_raise_type_error_naming_the_argument(backend_device, op):
+    """Non-tensor items, a str or a bare Tensor for a list, a float for the device scalar:
+    TypeError naming the argument on every backend (the compiled ops' schema parser raised a
+    RuntimeError naming none; a str gave AttributeError), nothing written."""
+    backend, device = backend_device
+    for lists, scalar, pattern in _type_cases(op, device):
+        tensors = [[t for t in xs if isinstance(t, torch.Tensor)] if isinstance(xs, list)
+                   else [] for xs in lists]
+        snapshot = [clone_all(x) for x in tensors]
+        with pytest.raises(TypeError, match=pattern):
+            if scalar is None:
+                _call(op, lists, backend)
+            elif op == "perturb_":
+                ops.perturb_(lists[0], lists[1], scalar, 0.05, 1e-12, backup=lists[2],
+                             backend=backend)
+            else:
+                ops.orth_combine_(*lists, scalar, 0.5, 1e-12, backend=backend)
+        for now, before in zip(tensors, snapshot):
+            assert_bitwise_equal(now, before, f"{op} after the TypeError")
+
+
+@pytest.mark.parametrize("op", list(LIST_NAMES))
+def test_backend_modules_raise_the_same_type_errors(backend_device, op):
+    """The optimizers call the backend module directly (no ops.* front): same TypeError."""
+    backend, device = backend_device
+    mod = _registry.resolve(backend, device)
+    lists = [[torch.randn(3, device=device), "x"] for _ in LIST_NAMES[op]]
+    name = LIST_NAMES[op][0]
+    args = {"sum_sq": lambda: mod.sum_sq(lists[0], lists[1], 0.0),
+            "dot_sum_sq": lambda: mod.dot_sum_sq(*lists),
+            "perturb_": lambda: mod.perturb_(lists[0], lists[1], torch.ones(()), 0.1, 0.0, False,
+                                             0.0, lists[2]),
+            "restore_": lambda: mod.restore_(*lists),
+            "orth_combine_": lambda: mod.orth_combine_(*lists, torch.ones(3), 0.5, 0.0),
+            "lerp_sum_sq_": lambda: mod.lerp_sum_sq_(*lists, 0.5),
+            "axpby_": lambda: mod.axpby_(*lists, 1.0, 1.0)}[op]
+    with pytest.raises(TypeError, match=rf"{op}: {name}\[1\] is a str, expected a Tensor"):
+        args()
+
+
+# ---------------------------------------------------------------------------- layouts
+def _paired_calls(op, first, second, backend, device):
+    """Runs `op` with its first list `first` and its read list `second` (other lists fresh);
+    returns what it produced (results and written lists) as float64 CPU copies."""
+    if op == "sum_sq":
+        return [ops.sum_sq(first, second, 0.05, backend=backend)]
+    if op == "dot_sum_sq":
+        return [ops.dot_sum_sq(first, second, backend=backend)]
+    if op == "perturb_":
+        backup = [torch.empty_like(t) for t in first]
+        ops.perturb_(first, second, torch.full((), 4.0, device=device), 0.5, 1e-12,
+                     backup=backup, backend=backend)
+        return f64(first) + f64(backup)
+    if op == "restore_":
+        ops.restore_(first, second, backend=backend)
+        return f64(first)
+    if op == "orth_combine_":
+        ops.orth_combine_(first, second, torch.tensor([0.5, 2.0, 3.0], device=device), 0.7,
+                          1e-12, backend=backend)
+        return f64(first)
+    if op == "lerp_sum_sq_":
+        return [ops.lerp_sum_sq_(first, second, 0.3, backend=backend)] + f64(first)
+    ops.axpby_(first, second, 0.5, -1.5, backend=backend)
+    return f64(first)
+
+
+def _layout_variants(device):
+    """(name, first, second): a read list whose memory order differs from the first list's."""
+    w = torch.randn(5, 1, device=device)
+    g = torch.randn(1, 5, device=device).t()  # strides (1, 5): autograd's (5, 1) gradient
+    yield "size-1-dims", [w], [g]
+    x = torch.randn(2, 3, 5, 7, device=device)
+    yield "channels-last-vs-contiguous", [x], [torch.randn(2, 3, 5, 7, device=device)
+                                               .to(memory_format=torch.channels_last)]
+    yield "contiguous-vs-channels-last", [x.to(memory_format=torch.channels_last)], \
+        [torch.randn(2, 3, 5, 7, device=device)]
+    yield "transposed", [torch.randn(6, 4, device=device)], [torch.randn(4, 6, device=device).t()]
+    yield "gaps", [torch.randn(4, 5, device=device)], [torch.randn(4, 10, device=device)[:, ::2]]
+    yield "expanded", [torch.randn(3, 4, device=device)], [torch.randn(4, device=device)
+                                                          .expand(3, 4)]
+
+
+@pytest.mark.parametrize("op", list(LIST_NAMES))
+def test_a_read_list_in_another_layout_gives_the_contiguous_result(backend_device, op):
+    """Item 2: a list the op only reads may be laid out differently from its partner (autograd
+    gives a (5, 1) parameter a (1, 5)-strided gradient; channels_last vs contiguous; views):
+    the result equals the one with a contiguous copy in the partner's layout, and the read list
+    is unchanged."""
+    backend, device = backend_device
+    for name, first, second in _layout_variants(device):
+        same = [torch.empty_like(f).copy_(s) for f, s in zip(first, second)]
+        second_before = clone_all(second)
+        expected = _paired_calls(op, clone_all(first), same, backend, device)
+        got = _paired_calls(op, clone_all(first), second, backend, device)
+        assert_bitwise_equal(got, expected, f"{op} {name}")
+        assert_bitwise_equal(second, second_before, f"{op} {name}: the read list")
+
+
+def test_size_one_dims_need_no_copy():
+    """The (5, 1) case is the same memory order (torch's rule ignores size-1 dims): the layout
+    check passes it, so the kernels read the gradient in place."""
+    from sam_kernels.ops import _checks
+    w, g = torch.randn(5, 1), torch.randn(1, 5).t()
+    assert _checks.same_memory_order(w, g)
+    assert _checks.aligned([w], [g])[0] is g
+    x = torch.randn(2, 3, 5, 7)
+    assert not _checks.same_memory_order(x, x.to(memory_format=torch.channels_last))
+
+
+def test_a_written_list_in_another_layout_raises(backend_device):
+    """perturb_'s backup is written: it must have the params' memory order (the optimizers make
+    it with empty_like); refused before anything is written."""
+    backend, device = backend_device
+    p = [torch.randn(2, 3, 5, 7, device=device).to(memory_format=torch.channels_last)]
+    d = [torch.randn(2, 3, 5, 7, device=device)]
+    backup = [torch.randn(2, 3, 5, 7, device=device)]
+    before = clone_all(p) + clone_all(backup)
+    with pytest.raises(ValueError, match=r"perturb_: params\[0\] and backup\[0\] differ in "
+                                         r"memory layout \(strides .*\); a list the op writes "
+                                         r"must store its elements in params's order"):
+        ops.perturb_(p, d, torch.ones((), device=device), 0.1, 0.0, backup=backup,
+                     backend=backend)
+    assert_bitwise_equal(p + backup, before, "after the error")
+
+
+# ---------------------------------------------------------------------------- aliasing
+def _alias_cases(op, device):
+    """(lists, scalar_or_None, message regex): a written tensor sharing memory with another
+    argument, for a writing op."""
+    names = LIST_NAMES[op]
+    base = torch.randn(20, device=device)
+    fresh = lambda n=4: torch.randn(n, device=device)  # noqa: E731
+
+    def lists_with(pos, value):
+        out = [[fresh(), fresh()] for _ in names]
+        out[pos] = value
+        return out
+
+    w = names[0]
+    msg = lambda a, b: rf"{op}: {a} and {b} overlap in memory; {op} writes \w+ in place"  # noqa
+    yield lists_with(0, [base[:4], base[:4]]), None, msg(rf"{w}\[0\]", rf"{w}\[1\]")
+    yield lists_with(0, [base[:4], base[2:6]]), None, msg(rf"{w}\[0\]", rf"{w}\[1\]")
+    r = names[1]
+    if op != "perturb_" or True:
+        out = [[fresh(), fresh()] for _ in names]
+        out[0], out[1] = [base[:4], fresh()], [fresh(), base[:4]]
+        yield out, None, msg(rf"{w}\[0\]", rf"{r}\[1\]")
+        out = [[fresh(), fresh()] for _ in names]
+        out[0], out[1] = [base[:4], fresh()], [base[1:5], fresh()]
+        yield out, None, msg(rf"{w}\[0\]", rf"{r}\[0\]")
+    if op == "perturb_":
+        out = [[fresh(), fresh()] for _ in names]
+        out[0], out[2] = [base[:4], fresh()], [fresh(), base[:4]]
+        yield out, None, msg(r"params\[0\]", r"backup\[1\]")
+        out = [[base[:4], fresh()], [fresh(), fresh()], [fresh(), fresh()]]
+        yield out, base[3], msg(r"params\[0\]", "sum_sq")
+    if op == "orth_combine_":
+        out = [[base[:4], fresh()], [fresh(), fresh()]]
+        yield out, base[2:5], msg(r"d\[0\]", "stats")
+
+
+def _call_with_scalar(op, lists, scalar, backend):
+    if scalar is None:
+        return _call(op, lists, backend)
+    if op == "perturb_":
+        return ops.perturb_(lists[0], lists[1], scalar, 0.05, 1e-12, backup=lists[2],
+                            backend=backend)
+    return ops.orth_combine_(*lists, scalar, 0.5, 1e-12, backend=backend)
+
+
+@pytest.mark.parametrize("op", WRITING_OPS)
+def test_aliased_arguments_are_refused_before_any_write(backend_device, op):
+    """Item 3: the same tensor twice in a written list, overlapping views, a written tensor
+    shared with another position of a read list or with the device scalar: one message on every
+    backend, nothing written."""
+    backend, device = backend_device
+    for lists, scalar, pattern in _alias_cases(op, device):
+        storages = {t.untyped_storage().data_ptr(): t for xs in lists for t in xs}
+        snapshot = {k: t._base.clone() if t._base is not None else t.clone()
+                    for k, t in storages.items()}
+        with pytest.raises(ValueError, match=pattern):
+            _call_with_scalar(op, lists, scalar, backend)
+        for k, t in storages.items():
+            now = t._base if t._base is not None else t
+            assert_bitwise_equal([now], [snapshot[k]], f"{op}: memory after the error")
+
+
+def test_aliasing_messages_are_the_same_on_every_backend():
+    messages = {}
+    for backend in ops.available_backends("cpu"):
+        for op in WRITING_OPS:
+            for k, (lists, scalar, _) in enumerate(_alias_cases(op, "cpu")):
+                with pytest.raises(ValueError) as info:
+                    _call_with_scalar(op, lists, scalar, backend)
+                messages.setdefault((op, k), {})[backend] = str(info.value)
+    for key, by_backend in messages.items():
+        assert len(set(by_backend.values())) == 1, (key, by_backend)
+
+
+@pytest.mark.parametrize("op", WRITING_OPS)
+def test_the_same_tensor_at_the_same_position_of_a_read_list_is_allowed(backend_device, op):
+    """Element-wise well defined (each element read before it is written, by one thread):
+    `axpby_([p], [p])` is p ← (a + b)·p on every backend, equal to the call with a copy."""
+    backend, device = backend_device
+    specs = _uniform("odd-sizes", torch.float32)
+    x = make(specs, device)
+    copy = clone_all(x)
+    expected = _paired_calls(op, clone_all(x), copy, backend, device)
+    got = _paired_calls(op, x, x, backend, device)
+    assert_bitwise_equal(got, expected, f"{op}(x, x) vs {op}(x, copy of x)")
+
+
+def test_read_only_ops_accept_repeated_tensors(backend_device):
+    backend, device = backend_device
+    p = torch.randn(7, device=device)
+    got = ops.sum_sq([p, p, p[:3]], backend=backend)
+    want = 2 * p.double().square().sum() + p[:3].double().square().sum()
+    assert abs(float(got) - float(want)) <= 1e-12 * float(want)
+
+
+# ---------------------------------------------------------------------------- autograd
+def _write_once(op, target, backend):
+    """Calls writing primitive `op` with `target` (one tensor) as the written list."""
+    other = torch.randn_like(target, requires_grad=False)
+    if op == "perturb_":
+        return ops.perturb_([target], [other], torch.ones(()), 0.1, 1e-12, backend=backend)
+    if op == "restore_":
+        return ops.restore_([target], [other], backend=backend)
+    if op == "orth_combine_":
+        return ops.orth_combine_([target], [other], torch.tensor([0.1, 1.0, 2.0]), 0.5, 1e-12,
+                                 backend=backend)
+    if op == "lerp_sum_sq_":
+        return ops.lerp_sum_sq_([target], [other], 0.3, backend=backend)
+    return ops.axpby_([target], [other], 0.5, 0.5, backend=backend)
+
+
+@pytest.mark.parametrize("op", WRITING_OPS)
+def test_writes_bump_the_version_counter_so_backward_raises(op, backend):
+    """Item 4: a tensor saved for backward and then written by a primitive makes backward
+    raise, as for torch's own in-place ops (cpu gave a silently wrong gradient)."""
+    p = torch.randn(4, requires_grad=True)
+    x = torch.randn(4)
+    loss = (p * x).sum()  # saves x
+    version = x._version
+    _write_once(op, x, backend)
+    assert x._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("op", WRITING_OPS)
+def test_writing_a_leaf_that_requires_grad_raises_like_torch(op, backend):
+    p = torch.randn(4, requires_grad=True)
+    before = p.detach().clone()
+    with pytest.raises(RuntimeError, match="a leaf Variable that requires grad is being used in "
+                                           "an in-place operation"):
+        _write_once(op, p, backend)
+    assert torch.equal(p.detach(), before) and p._version == 0
+    with pytest.raises(RuntimeError, match="a view of a leaf Variable that requires grad"):
+        _write_once(op, p[:2], backend)
+    assert torch.equal(p.detach(), before)
+    with torch.no_grad():  # as the optimizers call them
+        _write_once(op, p, backend)
+    assert p._version > 0
+
+
+@pytest.mark.parametrize("op", WRITING_OPS)
+def test_any_argument_that_requires_grad_is_refused_with_grad_mode_on(op, backend):
+    """The primitives have no derivative: a written non-leaf, or a read tensor, that requires
+    grad would silently lose its gradient path; refused on every backend, nothing written."""
+    w = torch.randn(4, requires_grad=True)
+    y = w * 2.0
+    with pytest.raises(RuntimeError, match=rf"{op}: \w+\[0\] requires grad and grad mode is on"):
+        _write_once(op, y, backend)
+    x = torch.randn(4)
+    before = x.clone()
+    with pytest.raises(RuntimeError, match=rf"{op}: \w+\[0\] requires grad and grad mode is on"):
+        if op == "axpby_":
+            ops.axpby_([x], [y], 1.0, 1.0, backend=backend)
+        elif op == "restore_":
+            ops.restore_([x], [y], backend=backend)
+        elif op == "lerp_sum_sq_":
+            ops.lerp_sum_sq_([x], [y], 0.5, backend=backend)
+        elif op == "orth_combine_":
+            ops.orth_combine_([x], [y], torch.ones(3), 0.5, 0.0, backend=backend)
+        else:
+            ops.perturb_([x], [y], torch.ones(()), 0.1, 0.0, backend=backend)
+    assert torch.equal(x, before)
+
+
+# ---------------------------------------------------------------------------- fp32 overflow
+def _huge(shape, scale, dtype, device):
+    return (torch.randn(shape, dtype=torch.float64) * scale).to(dtype).to(device)
+
+
+@pytest.mark.parametrize("scale", [1e19, 1e30, 1e37])
+def test_huge_finite_fp32_values_give_finite_sums(backend_device, scale):
+    """Σg² of fp32 gradients near 1e19 exceeds fp32's range: every backend squares and sums in
+    fp64 and returns float64, so the sums are finite and accurate; perturb_ and orth_combine_
+    read those float64 scalars and compute their scale/coefficient in fp64."""
+    backend, device = backend_device
+    specs = [Spec((1000,), torch.float32), Spec((3, 7), torch.float32)]
+    a = [_huge(s.shape, scale, torch.float32, device) for s in specs]
+    b = [_huge(s.shape, scale, torch.float32, device) for s in specs]
+    a64, b64 = f64(a), f64(b)
+    want_sq = ref_sum([x * x for x in a64])
+    got = ops.sum_sq(a, backend=backend)
+    assert got.dtype == torch.float64 and torch.isfinite(got)
+    assert abs(float(got) - float(want_sq)) <= 1e-12 * float(want_sq)
+    got3 = ops.dot_sum_sq(a, b, backend=backend).cpu()
+    want3 = torch.stack([ref_sum([x * y for x, y in zip(a64, b64)]), want_sq,
+                         ref_sum([y * y for y in b64])])
+    mag = torch.stack([ref_sum([(x * y).abs() for x, y in zip(a64, b64)]), want_sq, want3[2]])
+    assert bool(torch.isfinite(got3).all()) and bool(((got3 - want3).abs() <= 1e-12 * mag).all())
+    # perturb_ with that sum: scale = rho / ‖a‖, p moves by rho · a / ‖a‖ (finite, non-zero)
+    p = make(specs, device)
+    p64 = f64(p)
+    ops.perturb_(p, a, got, 0.5, 1e-12, backend=backend)
+    step = [0.5 * x / float(want_sq) ** 0.5 for x in a64]
+    assert_close_list(p, [x + s for x, s in zip(p64, step)],
+                      [x.abs() + s.abs() for x, s in zip(p64, step)], "perturb_ at 1e19+")
+    # orth_combine_ from those stats: d - gamma (m - c d), c = <m,d> / |d|^2 (eps negligible)
+    d, m = clone_all(a), clone_all(b)
+    stats = ops.dot_sum_sq(m, d, backend=backend)
+    ops.orth_combine_(d, m, stats, 0.5, 1e-12, backend=backend)
+    c = float(want3[0]) / float(want3[1])
+    expect = [x - 0.5 * (y - c * x) for x, y in zip(a64, b64)]
+    mags = [x.abs() + 0.5 * (y.abs() + abs(c) * x.abs()) for x, y in zip(a64, b64)]
+    assert_close_list(d, expect, mags, "orth_combine_ at 1e19+")
+    ema = clone_all(a)
+    got_l = ops.lerp_sum_sq_(ema, b, 0.25, backend=backend)
+    want_l = ref_sum([x.double() ** 2 for x in f64(ema)])
+    assert torch.isfinite(got_l) and abs(float(got_l) - float(want_l)) <= 1e-12 * float(want_l)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_largest_half_values_give_exact_sums(backend_device, dtype):
+    backend, device = backend_device
+    big = torch.finfo(dtype).max
+    x = [torch.full((301,), big, dtype=dtype, device=device)]
+    got = ops.sum_sq(x, backend=backend)
+    assert float(got) == 301 * float(big) ** 2  # exact: each square and sum in fp64
 
 
 # ---------------------------------------------------------------------------- torch.compile

@@ -656,3 +656,176 @@ def test_one_process_gloo_group_reduces_the_criterion(tmp_path, monkeypatch):
         assert calls == [3] * len(data)  # one reduction of [Σab, Σa², Σb²] per step
         for (name, a), b in zip(model.state_dict().items(), runs[1].values()):
             assert torch.equal(a, b), name
+
+
+# ----------------------------------------------------------------------------- failed steps
+FAIL_CASES = [(VaSSO, None), (VaSSORe, "random"), (VaSSORe, "gSAMflat"), (VaSSOReMu, "cosSim"),
+              (VaSSOReMu, "random")]
+FAILURES = ("first call", "last call", "group value", "sparse gradient")
+FAIL_FROM = 3  # every step from this one first fails, then runs again
+
+
+def _failing_run(cls, criterion, backend, failure, steps=11):
+    """`steps` steps over three odd-shaped parameters. With `failure`, every step from
+    FAIL_FROM on first fails that way and is checked to have changed nothing, then runs
+    again. Returns (weights, optimizer state_dict) after every step, and which kinds of step
+    (recomputing or reusing) failed."""
+    torch.manual_seed(0)
+    ps = _params((7,), (3, 5), (1,))
+    gen = torch.Generator().manual_seed(11)
+    xs = [[torch.randn(p.shape, generator=gen) for p in ps] for _ in range(steps)]
+    kwargs = {} if cls is VaSSO else dict(
+        criterion=criterion, warmup_steps=1, generator=torch.Generator().manual_seed(3),
+        **CRITERION_KWARGS[criterion])
+    opt = cls([dict(params=ps[:2]), dict(params=ps[2:], theta=0.7)], torch.optim.SGD,
+              rho=0.2, theta=0.4, lr=0.1, momentum=0.9, backend=backend, **kwargs)
+
+    def closure_for(x, fail_call=None, sparse=False):
+        calls = []
+
+        def closure():
+            calls.append(1)
+            if fail_call == len(calls) and not sparse:
+                raise KeyError("boom")
+            opt.zero_grad()
+            loss = sum((torch.sin(p) * xi).sum() + 0.3 * (p ** 2).sum() for p, xi in zip(ps, x))
+            loss.backward()
+            if sparse and fail_call == len(calls):
+                ps[1].grad = ps[1].grad.to_sparse()
+            return loss
+        return closure
+
+    trace, failed_kinds = [], set()
+    for t, x in enumerate(xs):
+        if failure is not None and t >= FAIL_FROM:
+            before = (copy.deepcopy([p.detach() for p in ps]), copy.deepcopy(opt.state_dict()))
+            with pytest.raises((KeyError, ValueError, RuntimeError)):
+                inner = opt.needs_inner_pass()  # in the step: undone with it
+                failed_kinds.add(inner)
+                if failure == "first call":
+                    opt.step(closure_for(x, fail_call=1))
+                elif failure == "last call":
+                    opt.step(closure_for(x, fail_call=2 if inner else 1))
+                elif failure == "sparse gradient":
+                    opt.step(closure_for(x, fail_call=1, sparse=True))
+                else:  # a hand-written step whose first_step finds an invalid group value
+                    if inner:
+                        closure_for(x)()
+                    opt.param_groups[1]["rho"] = -1.0
+                    try:
+                        opt.first_step()
+                    finally:
+                        opt.param_groups[1]["rho"] = 0.2
+            assert not opt.perturbed
+            assert_same_tensors(before[0], [p.detach() for p in ps], f"weights, step {t}")
+            assert_same_tensors(before[1], opt.state_dict(), f"optimizer state, step {t}")
+        opt.step(closure_for(x))
+        trace.append((copy.deepcopy([p.detach() for p in ps]), copy.deepcopy(opt.state_dict())))
+    return trace, failed_kinds
+
+
+@pytest.mark.parametrize("failure", FAILURES)
+@pytest.mark.parametrize("cls, criterion", FAIL_CASES,
+                         ids=[f"{c.__name__}-{k}" for c, k in FAIL_CASES])
+def test_failed_step_changes_nothing_and_the_run_continues_bit_exactly(backend_device, cls,
+                                                                        criterion, failure):
+    """A step that raises (closure in pass 1 or 2, an invalid group value, sparse gradients)
+    leaves weights, EMA, counters, plan, decision and generator as they were; running it
+    again gives exactly the uninterrupted run."""
+    backend, device = backend_device
+    if device != "cpu":
+        pytest.skip("the rollback is host logic over the same primitives: CPU tensors suffice")
+    only_some_under_interpreter(backend, device, (cls, criterion, failure),
+                                {(VaSSOReMu, "cosSim", "last call")})
+    expected, _ = _failing_run(cls, criterion, backend, None)
+    got, failed_kinds = _failing_run(cls, criterion, backend, failure)
+    if cls is not VaSSO:  # failures hit steps that recompute and steps that reuse
+        assert failed_kinds == {True, False}
+    for t, (a, b) in enumerate(zip(expected, got)):
+        assert_same_tensors(a, b, f"step {t}")
+
+
+def assert_same_tensors(a, b, what):
+    """Bitwise equality of nested dicts/lists of tensors and plain values."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{what}: keys {sorted(a, key=str)} vs {sorted(b, key=str)}"
+        for k in a:
+            assert_same_tensors(a[k], b[k], f"{what}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), what
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tensors(x, y, f"{what}[{i}]")
+    elif torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), \
+            f"{what} differs"
+    else:
+        assert a == b, f"{what}: {a!r} != {b!r}"
+
+
+# ----------------------------------------------------------------------------- .data replaced
+def _shape_change_setup(cls, backend):
+    torch.manual_seed(0)
+    a, b = _params((5,), (3, 4))
+    kwargs = {} if cls is VaSSO else dict(criterion="naive", k=2, warmup_steps=0)
+    opt = cls([a, b], torch.optim.SGD, rho=0.3, theta=0.4, lr=0.05, backend=backend, **kwargs)
+    seen = []  # (weights, gradients) in float64 after every call of the closure
+
+    def step(x_scale):
+        def closure():
+            opt.zero_grad()
+            loss = (torch.cos(a) * x_scale).sum() + (torch.sin(b) * x_scale).sum() + \
+                0.5 * (a ** 2).sum() + (b ** 3).sum()
+            loss.backward()
+            seen.append(([a.detach().double().clone(), b.detach().double().clone()],
+                         [a.grad.double().clone(), b.grad.double().clone()]))
+            return loss
+        opt.step(closure)
+    return opt, a, b, seen, step
+
+
+@pytest.mark.parametrize("cls, when", [(VaSSO, "recompute"), (VaSSORe, "recompute"),
+                                       (VaSSORe, "reuse"), (VaSSOReMu, "recompute"),
+                                       (VaSSOReMu, "reuse")])
+def test_data_replaced_with_another_shape_restarts_that_ema(backend_device, cls, when):
+    """A parameter whose .data gets another shape restarts its EMA: at a recompute step
+    d = g for it (the others continue); at a reuse step it is left out of the perturbation
+    (no stored d for it) and ‖d‖ is taken over the others."""
+    backend, device = backend_device
+    if device != "cpu":
+        pytest.skip("host logic: CPU tensors suffice")
+    only_some_under_interpreter(backend, device, (cls, when), {(VaSSOReMu, "reuse")})
+    opt, a, b, seen, step = _shape_change_setup(cls, backend)
+    rho, theta, eps = 0.3, 0.4, 1e-7
+    for x_scale in (1.0, 2.0, -1.0)[:2 if when == "recompute" else 3]:
+        step(x_scale)  # naive, k = 2: steps 0, 2 recompute, 1, 3 reuse
+    b.data = torch.randn(4, 2)  # another shape
+
+    def next_step_perturbation():
+        ema_a = opt.state[a]["ema"].double().clone()
+        w = [a.detach().double().clone(), b.detach().double().clone()]
+        seen.clear()
+        step(0.5)
+        (p_a, p_b), _ = seen[-1]  # the weights at w + e
+        return ema_a, w, [p_a - w[0], p_b - w[1]]
+
+    if when == "recompute":  # b: d = g (restarted), a: the EMA continues
+        ema_a, _, (e_a, e_b) = next_step_perturbation()
+        assert len(seen) == 2
+        _, (g_a, g_b) = seen[0]  # at w
+        d_a, d_b = (1 - theta) * ema_a + theta * g_a, g_b
+        norm = math.sqrt(float((d_a ** 2).sum() + (d_b ** 2).sum()))
+        torch.testing.assert_close(e_a, rho * d_a / (norm + eps), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(e_b, rho * d_b / (norm + eps), rtol=1e-5, atol=1e-7)
+    else:  # b has no stored d: not perturbed; ‖d‖ over a only
+        ema_a, _, (e_a, e_b) = next_step_perturbation()
+        assert len(seen) == 1
+        torch.testing.assert_close(e_a, rho * ema_a / (ema_a.norm() + eps), rtol=1e-5,
+                                   atol=1e-7)
+        assert torch.equal(e_b, torch.zeros_like(e_b))
+        assert "ema" not in opt.state[b]
+        ema_a, _, (e_a, e_b) = next_step_perturbation()  # recomputes: d = g for b
+        _, (g_a, g_b) = seen[0]
+        d_a = (1 - theta) * ema_a + theta * g_a
+        norm = math.sqrt(float((d_a ** 2).sum() + (g_b ** 2).sum()))
+        torch.testing.assert_close(e_b, rho * g_b / (norm + eps), rtol=1e-5, atol=1e-7)
+    assert b.shape == (4, 2) and torch.isfinite(b).all()

@@ -24,6 +24,14 @@ __all__ = ["SAMTrainer", "ALGORITHMS"]
 
 logger = logging.getLogger(__name__)
 
+# the Trainer hooks SAMTrainer overrides (transformers 5.x; 4.x clipped inline in its loop)
+_HOOKS = ("get_batch_samples", "training_step", "_clip_grad_norm", "_get_grad_norm",
+          "create_scheduler")
+if not all(hasattr(Trainer, h) for h in _HOOKS):
+    import transformers as _tf
+    raise ImportError(f"sam_kernels.integrations.transformers needs transformers >= 5.24 (found "
+                      f"{_tf.__version__}): pip install 'sam_kernels[transformers]'")
+
 #: names accepted by ``SAMTrainer(sam=...)``: (class, keywords it implies)
 ALGORITHMS: Dict[str, tuple] = {
     "sam": (optim.SAM, {}),
@@ -148,7 +156,7 @@ class SAMTrainer(Trainer):
         def closure():
             sam.zero_grad()
             total = None
-            for j, micro_batch in enumerate(window[-1:]):
+            for j, micro_batch in enumerate(window):
                 # all but the last micro-batch without DDP sync: a synchronised pass
                 # all-reduces once; inside the optimizer's no_sync (pass 1) none does
                 sync = j == len(window) - 1

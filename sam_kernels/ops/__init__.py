@@ -1,14 +1,18 @@
 """Primitives of sam_kernels: fused multi-tensor passes over lists of tensors.
 
 Every function takes Python lists of tensors on one device (any mix of fp32/fp64/fp16/bf16;
-paired lists match tensor by tensor in dtype, shape and layout), accumulates in fp32 (fp64 for
-fp64), returns reductions as device tensors, and never reads a tensor value on the host.
+paired lists match tensor by tensor in dtype and shape; a list the op only reads may have
+another memory layout, it is then copied into its partner's), computes element-wise in fp32
+(fp64 for fp64), squares and sums reductions in fp64 and returns them as float64 device tensors,
+and never reads a tensor value on the host. A tensor an op writes may not share memory with
+another argument. See docs/ops.md.
 `backend` picks the implementation: 'auto' (default), 'reference', 'cpu', 'cuda' or 'triton'.
 """
 from typing import Optional, Sequence
 
 import torch
 
+from . import _checks
 from ._registry import (BACKENDS, ENV_VAR, BackendUnavailableError, available_backends,
                         backend_status, resolve)
 
@@ -20,19 +24,29 @@ __all__ = [
 ]
 
 
-def _backend(backend: str, xs: Tensors):
-    return resolve(backend, xs[0].device if len(xs) else "cpu")
+def _backend(backend: str, xs: list):
+    return resolve(backend, xs[0].device if len(xs) and isinstance(xs[0], torch.Tensor)
+                   else "cpu")
+
+
+def _lists(op: str, **lists) -> list:
+    """The list arguments as lists (None for an optional one: empty); a bare Tensor or a str
+    raises TypeError rather than being iterated."""
+    return [[] if xs is None else _checks.as_list(op, name, xs) for name, xs in lists.items()]
 
 
 def sum_sq(xs: Tensors, weights: Optional[Tensors] = None, eta: float = 0.0, *,
            backend: str = "auto") -> torch.Tensor:
-    """Σ x² over every element of every tensor; with `weights`, Σ ((|w| + eta) · x)²."""
-    return _backend(backend, xs).sum_sq(list(xs), list(weights or []), float(eta))
+    """Σ x² over every element of every tensor; with `weights`, Σ ((|w| + eta) · x)². A float64
+    0-d tensor whatever the input dtypes (the terms are squared and summed in float64)."""
+    xs, weights = _lists("sum_sq", xs=xs, weights=weights)
+    return _backend(backend, xs).sum_sq(xs, weights, float(eta))
 
 
 def dot_sum_sq(a: Tensors, b: Tensors, *, backend: str = "auto") -> torch.Tensor:
-    """[Σ a·b, Σ a², Σ b²] as one tensor of 3 values, in one pass."""
-    return _backend(backend, a).dot_sum_sq(list(a), list(b))
+    """[Σ a·b, Σ a², Σ b²] as one float64 tensor of 3 values, in one pass."""
+    a, b = _lists("dot_sum_sq", a=a, b=b)
+    return _backend(backend, a).dot_sum_sq(a, b)
 
 
 def perturb_(params: Tensors, dirs: Tensors, sum_sq: torch.Tensor, rho: float, eps: float, *,
@@ -40,27 +54,32 @@ def perturb_(params: Tensors, dirs: Tensors, sum_sq: torch.Tensor, rho: float, e
              backend: str = "auto") -> None:
     """p ← p + s · (|p| + eta)² · d if adaptive else p + s · d, with s = rho / (√sum_sq + eps)
     read from the device scalar `sum_sq`; copies p into `backup` first when given."""
-    _backend(backend, params).perturb_(list(params), list(dirs), sum_sq, float(rho), float(eps),
-                                       bool(adaptive), float(eta), list(backup or []))
+    params, dirs, backup = _lists("perturb_", params=params, dirs=dirs, backup=backup)
+    _backend(backend, params).perturb_(params, dirs, sum_sq, float(rho), float(eps),
+                                       bool(adaptive), float(eta), backup)
 
 
 def restore_(params: Tensors, backup: Tensors, *, backend: str = "auto") -> None:
     """p ← backup, exactly (a copy; storages and data_ptr unchanged)."""
-    _backend(backend, params).restore_(list(params), list(backup))
+    params, backup = _lists("restore_", params=params, backup=backup)
+    _backend(backend, params).restore_(params, backup)
 
 
 def orth_combine_(d: Tensors, m: Tensors, stats: torch.Tensor, gamma: float, eps: float, *,
                   backend: str = "auto") -> None:
     """d ← d − gamma · (m − c · d) with c = cos · ‖m‖ / (‖d‖ + eps) and
     cos = ⟨m, d⟩ / (‖m‖ ‖d‖ + eps), where stats = dot_sum_sq(m, d) = [⟨m,d⟩, ‖m‖², ‖d‖²]."""
-    _backend(backend, d).orth_combine_(list(d), list(m), stats, float(gamma), float(eps))
+    d, m = _lists("orth_combine_", d=d, m=m)
+    _backend(backend, d).orth_combine_(d, m, stats, float(gamma), float(eps))
 
 
 def lerp_sum_sq_(ema: Tensors, g: Tensors, theta: float, *, backend: str = "auto") -> torch.Tensor:
-    """ema ← (1 − theta) · ema + theta · g, and returns Σ ema² of the stored result."""
-    return _backend(backend, ema).lerp_sum_sq_(list(ema), list(g), float(theta))
+    """ema ← (1 − theta) · ema + theta · g, and returns Σ ema² of the stored result (float64)."""
+    ema, g = _lists("lerp_sum_sq_", ema=ema, g=g)
+    return _backend(backend, ema).lerp_sum_sq_(ema, g, float(theta))
 
 
 def axpby_(ys: Tensors, xs: Tensors, a: float, b: float, *, backend: str = "auto") -> None:
     """ys ← a · xs + b · ys (ys is not read when b == 0)."""
-    _backend(backend, ys).axpby_(list(ys), list(xs), float(a), float(b))
+    ys, xs = _lists("axpby_", ys=ys, xs=xs)
+    _backend(backend, ys).axpby_(ys, xs, float(a), float(b))

@@ -55,6 +55,14 @@ def _store(xs: List[torch.Tensor], work: List[torch.Tensor]) -> None:
         torch._foreach_copy_(xs, work)
 
 
+def _unaliased(written: Tensors, read: Tensors) -> List[torch.Tensor]:
+    """`read` with a copy of each tensor that is the very tensor written at its position (the
+    one aliasing the checks allow): these formulas take several passes, and the second would
+    read what the first wrote."""
+    return [r.clone() if r.numel() and r.data_ptr() == w.data_ptr() else r
+            for w, r in zip(written, read)]
+
+
 # ---------------------------------------------------------------------------- fixed-order sums
 def _flat(t: torch.Tensor) -> torch.Tensor:
     """The elements of a dense tensor in memory order, as a 1-d view."""
@@ -141,6 +149,7 @@ def perturb_(params: Tensors, dirs: Tensors, sum_sq: torch.Tensor, rho: float, e
     _checks.check_perturb(params, dirs, sum_sq, backup)
     if not params:
         return
+    dirs = _unaliased(params, dirs)
     if backup:
         torch._foreach_copy_(list(backup), list(params))
     for idx in _by_dtype(params).values():
@@ -184,6 +193,7 @@ def orth_combine_(d: Tensors, m: Tensors, stats: torch.Tensor, gamma: float, eps
     _checks.check_grad_mode("orth_combine_", [("d", d), ("m", m)], ("stats", stats))
     m = _checks.aligned(d, m)
     _checks.check_orth_combine(d, m, stats)
+    m = _unaliased(d, m)
     for idx in _by_dtype(d).values():
         gd = [d[i] for i in idx]
         work = _upcast(gd)
@@ -199,6 +209,7 @@ def lerp_sum_sq_(ema: Tensors, g: Tensors, theta: float) -> torch.Tensor:
     _checks.check_grad_mode("lerp_sum_sq_", [("ema", ema), ("g", g)])
     g = _checks.aligned(ema, g)
     _checks.check_lerp_sum_sq(ema, g)
+    g = _unaliased(ema, g)
     out = torch.zeros((), dtype=_F64, device=ema[0].device if ema else None)
     for idx in _by_dtype(ema).values():
         ge = [ema[i] for i in idx]
@@ -215,6 +226,7 @@ def axpby_(ys: Tensors, xs: Tensors, a: float, b: float) -> None:
     _checks.check_grad_mode("axpby_", [("ys", ys), ("xs", xs)])
     xs = _checks.aligned(ys, xs)
     _checks.check_axpby(ys, xs)
+    xs = _unaliased(ys, xs)
     for idx in _by_dtype(ys).values():
         gy = [ys[i] for i in idx]
         gx = _upcast([xs[i] for i in idx])

@@ -168,6 +168,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                             f"instance, got {base_optimizer!r}")
         self.base_optimizer = base_optimizer
         self.param_groups = base_optimizer.param_groups  # one list of shared group dicts
+        self.state = _OwnState(dict)
         for group in self.param_groups:
             _dedupe(group)
         self.defaults.update(base_optimizer.defaults)
@@ -524,9 +525,10 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         g ← g · min(1, max_grad_norm / (‖g‖ + 1e-6)) as torch.nn.utils.clip_grad_norm_ (the
         factor stays on the device), and skip_nonfinite's check of the last pass."""
         grads = [g for s in self._slots_with_grads() for g in s.grads]
-        if not grads:
-            return
-        sum_sq = self._global_sum(self._ops().sum_sq(grads, [], 0.0))
+        # computed (and reduced) even when this rank has no gradient: an FSDP rank whose shards
+        # are all empty still takes part in the all-reduce
+        sum_sq = self._global_sum(self._ops().sum_sq(grads, [], 0.0) if grads else
+                                  torch.zeros((), device=self._device))
         self._note_nonfinite(sum_sq)
         if self.max_grad_norm is not None:
             norm = sum_sq.sqrt()
@@ -591,15 +593,16 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             flags = [t for view in self._amp_views[:self._amp_passes]
                      for t in self.grad_scaler._found_inf_per_device(view).values()]
         flags, self._nonfinite_flags = flags + self._nonfinite_flags, []
-        if not flags:  # no gradients at all
-            return torch.zeros((), device=self._device)
         # fused optimizers compare the flag with 1 exactly
-        found = torch.clamp(torch.stack(flags).sum(), max=1.0)
+        found = torch.clamp(torch.stack(flags).sum(), max=1.0) if flags else \
+            torch.zeros((), device=self._device)  # no gradients at all (on this rank)
         if self._dist.name != "single":
-            # a pass that ran per rank (DDP), or a shard's own check (FSDP): an inf on one
-            # rank must skip the step on every rank, and back off every rank's scale alike
-            # (update() reads the recorded flags)
-            flags[0].copy_(self._dist.any_(found))
+            # a pass that ran per rank (DDP), or a shard's own check (FSDP1 with a plain
+            # GradScaler): an inf on one rank must skip the step on every rank, and back off
+            # every rank's scale alike (update() reads the recorded flags)
+            found = self._dist.any_(found)
+            if flags:
+                flags[0].copy_(found)
         return found
 
     def _snapshot_guarded_state(self) -> None:
@@ -635,6 +638,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> Dict[str, Any]:
         """The base optimizer's state dict plus this optimizer's own persistent state under
         'sam' (momentum and the like survive a resume; davda54/sam #73)."""
+        _refuse_dcp("get_optimizer_state_dict")
         self._require_unperturbed("state_dict()")
         sd = self.base_optimizer.state_dict()
         index = {id(p): i for i, p in enumerate(_all_params(self.param_groups))}
@@ -644,13 +648,14 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        _refuse_dcp("set_optimizer_state_dict")
         self._require_unperturbed("load_state_dict()")
         state_dict = dict(state_dict)
         own = state_dict.pop("sam", {"state": {}, "extra": {}})
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups  # torch builds new group dicts
         params = _all_params(self.param_groups)
-        self.state = defaultdict(dict)
+        self.state = _OwnState(dict)
         for i, s in own["state"].items():
             p = params[int(i)]
             self.state[p] = {k: (v.to(device=p.device, copy=True) if torch.is_tensor(v) else v)
@@ -719,6 +724,29 @@ class _ScalerPass:
     @property
     def param_groups(self):
         return self._owner.param_groups
+
+
+class _OwnState(defaultdict):
+    """`optimizer.state`: the algorithm's own per-parameter state (the base optimizer keeps
+    its own). It reads as non-empty to DCP's `_init_optim_state`, which would otherwise call
+    `step()` without a closure after zeroing every learning rate, and leave them at 0 when our
+    step refuses; `state_dict()` then raises with what to use instead."""
+
+    def __bool__(self) -> bool:
+        if len(self):
+            return True
+        from ..checkpoint import called_from_dcp
+        return called_from_dcp() == "_init_optim_state"
+
+
+def _refuse_dcp(function: str) -> None:
+    from ..checkpoint import called_from_dcp
+    if called_from_dcp() is not None:
+        raise TypeError(
+            f"torch.distributed.checkpoint.state_dict.{function} would drop this optimizer's "
+            f"own state (its state_dict's 'sam' entry); use sam_kernels.checkpoint.{function}"
+            f"(model, optimizer, ...) instead, which goes through DCP for the base optimizer "
+            f"and keeps the rest")
 
 
 def _dedupe(group: Dict[str, Any]) -> None:
