@@ -21,8 +21,10 @@ import argparse
 import json
 import os
 import queue
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -190,8 +192,13 @@ def run_row(suite: str, algo: str, device: str, dtype: str = "float32", reps: in
     if threads:
         cmd += ["--threads", str(threads)]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # A cold compile, as a user's first run: fresh inductor and Triton caches for the child
+    # (inductor's on-disk FX-graph cache would otherwise turn a second run into a cache hit).
+    cache = tempfile.mkdtemp(prefix="sam_kernels_anchor_")
+    env.update(TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"),
+               TRITON_CACHE_DIR=os.path.join(cache, "triton"))
     row: Dict[str, Any] = {"suite": suite, "algo": algo, "device": device,
-                           "compile_budget_s": compile_budget}
+                           "compile_budget_s": compile_budget, "cold_caches": True}
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=str(ROOT), env=env, start_new_session=True)
@@ -238,6 +245,7 @@ def run_row(suite: str, algo: str, device: str, dtype: str = "float32", reps: in
         elif record["phase"] == "done":
             row.update({k: record[k] for k in ("rows", "notes", "copy_s", "backend", "threads")})
     proc.wait()
+    shutil.rmtree(cache, ignore_errors=True)
     row["seconds"] = round(time.perf_counter() - started, 1)
     if "status" not in row:
         if proc.returncode == 0 and "rows" in row:
@@ -298,7 +306,7 @@ def run_all(suites: Sequence[str], algos: Sequence[str], device: str, dtype: str
                 continue
             log(f"  compile anchor: {suite} {algo} (compile budget {compile_budget:.0f} s)")
             rows.append(run_row(suite, algo, device, dtype, reps, budget, compile_budget,
-                                timing_budget=max(120.0, 20 * budget * 3), threads=threads,
+                                timing_budget=max(300.0, 20 * budget * 3), threads=threads,
                                 log=log))
             log("    " + rows[-1]["status"] + (f": {rows[-1].get('note', '')[:300]}"
                                               if rows[-1]["status"] != "ok" else ""))
@@ -316,6 +324,7 @@ def main(argv=None) -> None:
                     help="seconds of timed steps per implementation (at least 3 steps)")
     ap.add_argument("--compile-budget", type=float, default=300.0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None, help="also write the row as JSON here")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads:
@@ -327,6 +336,8 @@ def main(argv=None) -> None:
                   args.compile_budget, threads=args.threads)
     print(table([row]))
     print(json.dumps({k: v for k, v in row.items() if k != "rows"}, default=str))
+    if args.out:
+        Path(args.out).write_text(json.dumps(row, indent=1, default=str) + "\n")
 
 
 if __name__ == "__main__":

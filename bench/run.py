@@ -8,6 +8,7 @@ comparison on a small CNN.
     python bench/run.py --suite all --algos sam gsam
     python bench/run.py --quick                # tiny shapes, seconds (smoke test)
     python bench/run.py --suite resnet50 --compile-anchor   # + the torch.compile anchor
+    python bench/run.py --sharded SAM GSAM     # + FSDP2 on 2 gloo ranks (bench/sharded.py)
 
 Writes bench/results/<machine>-<date>.json and a PNG plot next to it; prints the tables.
 See docs/bench.md for what each column means.
@@ -71,6 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--compile-algos", nargs="+", default=None,
                     help="algorithms of the anchor rows (default: those of --algos it "
                          "expresses: sam, asam, gsam)")
+    ap.add_argument("--sharded", nargs="*", default=None, metavar="ALGO",
+                    help="also the sharded-training run (FSDP2, 2 gloo ranks on CPU; "
+                         "bench/sharded.py) for these algorithms (default: SAM)")
     ap.add_argument("--no-verify", action="store_true",
                     help="skip the check that every implementation computes the same result")
     ap.add_argument("--quick", action="store_true",
@@ -175,6 +179,11 @@ def main(argv=None) -> dict:
             criteria_warmup=args.e2e_warmup if args.quick else max(args.e2e_warmup, 105),
             select=args.e2e_algos)
         print(report.e2e_table(results["e2e"]) + "\n")
+
+    if args.sharded is not None:
+        from bench import sharded
+        results["sharded"] = sharded.run(args.sharded or ["SAM"], quick=args.quick)
+        print(sharded.table(results["sharded"]) + "\n")
 
     results["goals"] = report.goals(results)
     if results["goals"]:

@@ -178,7 +178,7 @@ def plot(summary, path: Path) -> None:
             values = [scale * v for v in summary[n][key]["values"]]
             ax.bar(i, statistics.fmean(values), color=plt.cm.tab10(i), alpha=0.6)
             ax.plot([i] * len(values), values, "k.", ms=5)
-        ax.set_xticks(range(len(names)), names, rotation=30)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
         ax.set_title(label, fontsize=10)
         ax.grid(True, axis="y", alpha=0.3)
     lo = min(min(summary[n]["test_acc"]["values"]) for n in names) * 100
@@ -201,6 +201,12 @@ def plot(summary, path: Path) -> None:
     plt.close(fig)
 
 
+def _load_average():
+    """1/5/15-minute load averages (timings on a shared machine need them), if known."""
+    path = Path("/proc/loadavg")
+    return path.read_text().split()[:3] if path.exists() else None
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, default=5)
@@ -217,20 +223,23 @@ def main(argv=None):
                          "pip install scikit-learn")
     if args.threads:
         torch.set_num_threads(args.threads)
-    summary = {}
-    for name in args.algos:
-        runs = []
-        for seed in range(args.seeds):
-            runs.append(train_one(name, seed, args))
-            print(f"{name:8s} seed {seed}: test {100 * runs[-1]['test_acc']:.2f}%  "
-                  f"λmax {runs[-1]['top_hessian_eigenvalue']:.2f}  "
-                  f"{runs[-1]['wall_s']:.1f} s", flush=True)
-        summary[name] = summarise(runs)
+    # seeds outer, algorithms inner: a change of machine load during the run hits every
+    # algorithm alike (the results themselves do not depend on the order)
+    load_at_start = _load_average()
+    runs: Dict[str, List[Dict[str, float]]] = {name: [] for name in args.algos}
+    for seed in range(args.seeds):
+        for name in args.algos:
+            runs[name].append(train_one(name, seed, args))
+            print(f"{name:15s} seed {seed}: test {100 * runs[name][-1]['test_acc']:.2f}%  "
+                  f"λmax {runs[name][-1]['top_hessian_eigenvalue']:.2f}  "
+                  f"{runs[name][-1]['wall_s']:.1f} s", flush=True)
+    summary = {name: summarise(r) for name, r in runs.items()}
     print()
     print(table(summary))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k != "out"}
+    settings["load_average"] = {"start": load_at_start, "end": _load_average()}
     out.write_text(json.dumps({"settings": settings, "base": BASE,
                                "torch": torch.__version__, "threads": torch.get_num_threads(),
                                "summary": summary}, indent=1) + "\n")

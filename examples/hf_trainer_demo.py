@@ -8,7 +8,7 @@ labels flipped (the noise sharpness-aware training is meant to resist). Prints t
 accuracy, final training loss, wall time per optimizer step (median of the steps after the
 first two) and forward+backward passes per step.
 
-    python examples/hf_trainer_demo.py [--steps 150] [--seeds 0 1 2]
+    python examples/hf_trainer_demo.py [--steps 200] [--seeds 0 1 2] [--threads 1]
 """
 import argparse
 import os
@@ -71,34 +71,36 @@ def run(kind, seed, steps, train, test):
     clock = StepClock()
     out = tempfile.mkdtemp()
     args = TrainingArguments(output_dir=out, per_device_train_batch_size=32, max_steps=steps,
-                             learning_rate=1e-3, weight_decay=0.01, warmup_steps=10,
+                             learning_rate=3e-3, weight_decay=0.01, warmup_steps=10,
                              lr_scheduler_type="cosine", report_to="none", save_strategy="no",
                              logging_steps=steps, disable_tqdm=True, use_cpu=True, seed=seed)
     common = dict(model=model, args=args, train_dataset=train, callbacks=[clock])
     if kind == "AdamW":
         trainer = Trainer(**common)
     elif kind == "SAM":
-        trainer = SAMTrainer(**common, sam="sam", sam_kwargs={"rho": 0.05})
+        trainer = SAMTrainer(**common, sam="sam", sam_kwargs={"rho": 0.01})
     else:  # VaSSORe: reuse the perturbation when the outer-gradient norm looks flat
         trainer = SAMTrainer(**common, sam="vassore",
-                             sam_kwargs={"rho": 0.05, "theta": 0.4, "criterion": "gSAMflat"})
+                             sam_kwargs={"rho": 0.01, "theta": 0.4, "criterion": "gSAMflat"})
     trainer.train()
     train_loss = [h["loss"] for h in trainer.state.log_history if "loss" in h][-1]
+    train_passes = passes.n
     model.eval()
     with torch.no_grad():
         ids = torch.stack([r["input_ids"] for r in test])
         labels = torch.stack([r["labels"] for r in test])
         accuracy = (model(input_ids=ids).logits.argmax(-1) == labels).float().mean().item()
     return dict(accuracy=accuracy, loss=train_loss, ms=1e3 * statistics.median(clock.times[2:]),
-                passes=passes.n / steps)
+                passes=train_passes / steps)
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, default=1)
     opts = parser.parse_args()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(opts.threads)
     train, test = make_data(4096, 100, noise=0.2), make_data(1024, 200, noise=0.0)
     kinds = ["AdamW", "SAM", "VaSSORe"]
     results = {k: [] for k in kinds}

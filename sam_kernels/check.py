@@ -326,7 +326,7 @@ def _block_sweep(data: Inputs, device: str, reps: int, out) -> None:
     from .ops import triton_kernels as tk
     out(f"\nTriton elements per program (default {tk.get_block_size()}; set with "
         f"{tk.BLOCK_ENV_VAR} or triton_kernels.set_block_size), ms:")
-    sizes = (1024, 2048, 4096, 8192, 16384)
+    sizes = (1024, 2048, 4096, 8192)
     out(f"{'op':<18}" + "".join(f"{s:>10}" for s in sizes))
     for name in ("sum_sq", "perturb_(backup)", "lerp_sum_sq_"):
         fn = _TIMED[name][1]

@@ -10,7 +10,7 @@ alone —; ``"train"`` keeps train mode with batch statistics and the running st
 """
 import contextlib
 import math
-from typing import Any, Callable, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn

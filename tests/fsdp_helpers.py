@@ -4,7 +4,7 @@ algorithm the way the single-process references in test_sam/test_gsam/test_gam/t
 it, a collective counter, and the worker that runs many cases in one process group and saves
 what each produced (the parent compares; see test_ddp.py for the pattern).
 
-Everything here is written against the public API of sam_kernels plus two private attributes
+Everything here is written against the public API of sam_kernels plus one private attribute
 read for inspection only (`_scratch_buffers`: the persistent per-parameter buffers)."""
 import io
 import math
@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sam_kernels
-from training_helpers import make_batches, make_closure, manual_step
+from training_helpers import make_batches, manual_step
 
 WORLD = 2
 HSDP_SHAPE = (2, 2)  # (replicate, shard)
@@ -118,7 +118,8 @@ def wrap(model, kind, groups, raf=True):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
         return FSDP(model, use_orig_params=(kind == "fsdp1"), device_id=torch.device("cpu"),
-                    process_group=groups["world"], auto_wrap_policy=ModuleWrapPolicy({torch.nn.Linear}))
+                    process_group=groups["world"],
+                    auto_wrap_policy=ModuleWrapPolicy({torch.nn.Linear}))
     raise ValueError(kind)
 
 
@@ -273,18 +274,19 @@ def inject_inf_on_rank0(module, rank, armed):
 
 
 def train(module, opt, batches, api, rank=0, scaler=None, bad_step=None, count=False,
-          on_step=None):
-    """Train with `api` ('closure' or 'manual'); returns per step (collectives, passes,
-    inner pass ran) when `count`."""
+          on_step=None, micro=1):
+    """Train with `api` ('closure' or 'manual'), each pass accumulating `micro` equal
+    micro-batches (loss / micro each); returns per step (collectives, passes, inner pass ran)
+    when `count`."""
     passes = PassCounter(module)
     log = []
     for t, (x, y) in enumerate(batches):
         state = {"first": True}
 
         def run_pass():
-            scaled = scaler.scale(loss_of(module, x, y)) if scaler is not None \
-                else loss_of(module, x, y)
-            scaled.backward()
+            for xm, ym in zip(x.chunk(micro), y.chunk(micro)):
+                loss = loss_of(module, xm, ym) / micro
+                (scaler.scale(loss) if scaler is not None else loss).backward()
             inject_inf_on_rank0(module, rank, t == bad_step and state["first"])
             state["first"] = False
 
@@ -412,5 +414,3 @@ def max_rel_diff(a, b):
     return max(((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item()
                for x, y in zip(a, b))
 
-
-__all__ = [n for n in dir() if not n.startswith("_")] + ["math"]

@@ -190,9 +190,10 @@ def _kernel_launches(fn, name="multi_tensor_kernel"):
 @requires_cuda
 def test_lists_longer_than_one_launch():
     # 4 dtypes x 230 tensors (~205 non-empty): every dtype group needs 2 launches at depths 1,
-    # 2 and 3, for every op. Sizes cycle with period 9 and misaligned copies with period 5 (both coprime
-    # with the 4 dtypes), so each dtype group gets every size, multi-chunk tensors (65537,
-    # 200_003, 131_073 elements) and misaligned tensors on both sides of its launch boundaries.
+    # 2 and 3, for every op. Sizes cycle with period 9 and misaligned copies with period 5
+    # (both coprime with the 4 dtypes), so each dtype group gets every size, multi-chunk
+    # tensors (65537, 200_003, 131_073 elements) and misaligned tensors on both sides of its
+    # launch boundaries.
     sizes = [1, 7, 4096, 65537, 3, 200_003, 0, 65536, 131_073]
     n = 4 * 230
     shapes = [(sizes[i % len(sizes)],) for i in range(n)]

@@ -43,7 +43,7 @@ def _frozen_bn_pass(model, x, y):
 
 def _t2(p, group):
     """T² of the adaptive neighbourhood (1 elsewhere), in float64."""
-    return (p.double().abs() + group["eta"]) ** 2 if group.get("adaptive") else 1.0
+    return (p.detach().double().abs() + group["eta"]) ** 2 if group.get("adaptive") else 1.0
 
 
 def _t_norm_sq(groups, dirs):
@@ -51,7 +51,7 @@ def _t_norm_sq(groups, dirs):
     for g in groups:
         for p in g["params"]:
             if p in dirs:
-                t = (p.double().abs() + g["eta"]) if g.get("adaptive") else 1.0
+                t = (p.detach().double().abs() + g["eta"]) if g.get("adaptive") else 1.0
                 sq += float(((t * dirs[p]) ** 2).sum())
     return sq
 
@@ -560,8 +560,8 @@ def _scaler():
 @pytest.mark.parametrize("name", NAMES)
 def test_grad_scaler_exact_and_inf_skips(name):
     """Scaling by a power of two is exact: a scaled run equals the unscaled one bit for bit;
-    an inf in a step leaves weights and state tensors as they were (the step still counts
-    in `steps`, the schedule advances)."""
+    an inf in a step leaves weights, state tensors and counters as they were (a skipped step
+    does not advance the k / interval schedule)."""
     data = make_data(7, torch.float32, "cpu")
     runs = []
     for scaler in (None, _scaler()):
@@ -601,6 +601,11 @@ def test_grad_scaler_exact_and_inf_skips(name):
         for i in state["sam"]["state"]:
             for k, v in state["sam"]["state"][i].items():
                 assert torch.equal(after["sam"]["state"][i][k], v)
+        extra = state["sam"]["extra"]
+        assert extra["steps"] == bad and after["sam"]["extra"].keys() == extra.keys()
+        for k, v in extra.items():
+            w = after["sam"]["extra"][k]
+            assert torch.equal(w, v) if torch.is_tensor(v) else w == v, k
         assert scaler.get_scale() == SCALE / 2
 
 
@@ -659,3 +664,78 @@ def test_momentum_sam_unknown_momentum_key_and_call_order():
     ps[0].grad = torch.randn(4)
     opt2.second_step()
     assert not opt2.perturbed and opt2.steps == 1
+
+
+# ----------------------------------------------------------------------------- DDP
+DDP_RUNS = ["looksam", "looksam-tensor", "msam", "interval", "fsam"]
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(),
+                               torch.nn.Linear(9, 4)).double()
+
+
+def _mlp_data():
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randn(12, 6, generator=g, dtype=torch.float64),
+             torch.randint(0, 4, (12,), generator=g)) for _ in range(6)]
+
+
+def _mlp_opt(name, params, model):
+    kw = dict(lr=0.1, momentum=0.9, model=model)
+    if name.startswith("looksam"):
+        return LookSAM(params, torch.optim.SGD, k=3,
+                       granularity="tensor" if name.endswith("tensor") else "global", **kw)
+    if name == "msam":
+        return MomentumSAM(params, torch.optim.SGD, **kw)
+    if name == "fsam":
+        return FriendlySAM(params, torch.optim.SGD, **kw)
+    return SAM(params, torch.optim.SGD, interval=3, **kw)
+
+
+def _mlp_train(name, model, wrapped, data):
+    opt = _mlp_opt(name, wrapped.parameters(), wrapped)
+    for x, y in data:
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(wrapped(x), y)
+            loss.backward()
+            return loss
+        opt.step(closure)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _ddp_worker(rank, init_file, out_dir):
+    import os
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=2)
+    try:
+        shards = [(x.chunk(2)[rank], y.chunk(2)[rank]) for x, y in _mlp_data()]
+        out = {}
+        for name in DDP_RUNS:
+            model = _mlp()
+            ddp = torch.nn.parallel.DistributedDataParallel(model)
+            out[name] = _mlp_train(name, model, ddp, shards)
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_replicas_agree_and_synchronised_variants_equal_one_process(tmp_path):
+    """2 gloo ranks on half batches: every rank ends with the same weights (LookSAM's g_v and
+    every one-pass step use averaged gradients); LookSAM and MSAM synchronise every pass, so
+    they equal one process on the whole batch."""
+    import torch.multiprocessing as mp
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name in DDP_RUNS:
+        for a, b in zip(ranks[0][name], ranks[1][name]):
+            assert torch.equal(a, b), name
+        if name in ("looksam", "looksam-tensor", "msam"):
+            model = _mlp()
+            single = _mlp_train(name, model, model, _mlp_data())
+            for a, b in zip(ranks[0][name], single):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)

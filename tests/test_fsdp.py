@@ -83,6 +83,9 @@ CASES2 = (
           option="clip", count=True) for a in CLIPPED for w in ("fsdp2", "fsdp1")] +
     [dict(id=_train_id(a, "closure", w, o), kind="train", algo=a, api="closure", wrap=w,
           option=o, count=(o == "amp")) for a, w in AMP for o in ("amp", "skip")] +
+    [dict(id=_train_id(a, api, w, "accum"), kind="train", algo=a, api=api, wrap=w,
+          option="accum") for a in ("SAM", "GSAM") for api, w in (("closure", "fsdp2"),
+                                                                  ("manual", "fsdp1"))] +
     [dict(id="lastnorm", kind="lastnorm"), dict(id="restore-fsdp2", kind="restore", wrap="fsdp2"),
      dict(id="restore-fsdp1", kind="restore", wrap="fsdp1"),
      dict(id="backups", kind="backups")] +
@@ -141,7 +144,7 @@ def run_case(case, rank, world, groups):
         batches = H.rank_batches(rank, world, skip=H.BAD_STEP if option == "skip" else None)
         log = H.train(module, opt, batches, case["api"], rank, scaler,
                       bad_step=H.BAD_STEP if option == "amp" else None,
-                      count=case.get("count", False))
+                      count=case.get("count", False), micro=2 if option == "accum" else 1)
         return {"state": H.full_state(module, kind), "log": log,
                 "scale": scaler.get_scale() if scaler is not None else None,
                 "scratch": H.scratch_summary(opt)}
@@ -211,9 +214,10 @@ def run_case(case, rank, world, groups):
         resumed = H.local_state(module)
         return {"exact": all(torch.equal(a, b) for a, b in zip(straight, resumed)),
                 "moved": not all(torch.equal(a, b) for a, b in zip(straight, weights))}
-    if kind_of == "dcp":  # torch.distributed.checkpoint's optimizer state dict round trip
-        from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
-                                                             set_optimizer_state_dict)
+    if kind_of == "dcp":  # distributed checkpoints: sam_kernels.checkpoint round trip
+        from torch.distributed.checkpoint import state_dict as torch_dcp
+
+        from sam_kernels.checkpoint import get_optimizer_state_dict, set_optimizer_state_dict
         batches = H.rank_batches(rank, world)
         module, kind = _wrapped(dict(wrap="fsdp2"), groups)
         opt = H.build_optimizer(case["algo"], module)
@@ -224,18 +228,24 @@ def run_case(case, rank, world, groups):
         H.train(module, opt, batches[:4], "closure", rank)
         opt.zero_grad(set_to_none=True)  # the usual moment to checkpoint
         lrs = [g["lr"] for g in opt.param_groups]
+        refused = None
+        try:  # torch's own function must refuse (it would call step() and drop own state)
+            torch_dcp.get_optimizer_state_dict(module, opt)
+        except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
+            refused = str(exc)
+        untouched = [g["lr"] for g in opt.param_groups] == lrs and \
+            all(p.grad is None for p in module.parameters())
         osd = get_optimizer_state_dict(module, opt)
         weights = H.local_state(module)
-        lr_kept = [g["lr"] for g in opt.param_groups] == lrs
         module, kind = _wrapped(dict(wrap="fsdp2"), groups)
         opt = H.build_optimizer(case["algo"], module)
         H.load_local_state(module, weights)
         set_optimizer_state_dict(module, opt, osd)
-        lr_kept = lr_kept and [g["lr"] for g in opt.param_groups] == lrs
         H.train(module, opt, batches[4:], "closure", rank)
         resumed = H.local_state(module)
         return {"exact": all(torch.equal(a, b) for a, b in zip(straight, resumed)),
-                "lr_kept": lr_kept}
+                "refused": refused, "untouched": untouched,
+                "own_keys": sorted(osd.get("sam", {}).get("state", {}))}
     if kind_of == "nomodel":  # FSDP1 without model=: the optimizer cannot see the shards
         module, kind = _wrapped(case, groups)
         before = H.local_state(module)
@@ -554,6 +564,19 @@ def test_max_grad_norm_equals_clip_grad_norm_on_the_full_model(res2, algo, wrap)
                            reference(algo)["fc1.weight"])  # clipping was active
 
 
+@pytest.mark.parametrize("algo, api, wrap", [(a, api, w) for a in ("SAM", "GSAM")
+                                              for api, w in (("closure", "fsdp2"),
+                                                             ("manual", "fsdp1"))])
+def test_gradient_accumulation(res2, algo, api, wrap):
+    """Each pass accumulates two micro-batches (loss / 2 each): the full-batch reference whose
+    BatchNorm normalises the 4 micro-batches on their own (world=4 ghost batches: rank r's
+    micro-batches are chunks 2r and 2r + 1). Weights only: each rank's BatchNorm statistics
+    saw its two micro-batches in turn."""
+    per_rank = ok(res2, _train_id(algo, api, wrap, "accum"))
+    assert_matches_reference(per_rank, reference(algo, world=4), f"{algo} accumulation",
+                             buffers=False)
+
+
 def test_last_grad_norm_equals_torch_on_dtensors(res2):
     for res in ok(res2, "lastnorm"):
         for ours, theirs in res["pairs"]:
@@ -569,11 +592,17 @@ def test_state_dict_resume_is_bit_exact(res2, algo, wrap):
 
 @pytest.mark.parametrize("algo", ["VaSSO", "GSAM"])
 def test_distributed_checkpoint_round_trip(res2, algo):
-    """get_optimizer_state_dict / set_optimizer_state_dict carry every state (VaSSO's EMA,
-    GSAM's rho_t) and leave the learning rates alone; the resumed run is bit-exact."""
+    """sam_kernels.checkpoint.get/set_optimizer_state_dict carry every state (VaSSO's EMA on
+    uneven and empty shards, GSAM's rho_t) and the resumed run is bit-exact; torch's own
+    get_optimizer_state_dict refuses our optimizer, pointing there, and changes nothing
+    (it would otherwise zero the learning rates and call step() without a closure)."""
     for res in ok(res2, f"dcp-{algo}"):
-        assert res["lr_kept"]
         assert res["exact"]
+        assert res["refused"] is not None and "sam_kernels.checkpoint" in res["refused"], \
+            res["refused"]
+        assert res["untouched"]
+        if algo == "VaSSO":  # the EMA of every parameter, also those with empty shards
+            assert res["own_keys"] == sorted(H.PARAM_NAMES), res["own_keys"]
 
 
 @pytest.mark.parametrize("wrap", ["fsdp1", "fsdp1flat"])

@@ -19,7 +19,8 @@ def test_dry_run_checks_every_step(tmp_path):
     proc = _dry_run(tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
-    for step in ("environment", "build", "self_check", "gpu_tests", "ops_contract", "bench"):
+    for step in ("environment", "build", "self_check", "gpu_tests", "ops_contract", "bench",
+                 "compile_anchor"):
         assert f"  {step} " in out, step
     total = [line for line in out.splitlines() if "total budget" in line][0]
     assert int(total.split("total budget ")[1].split("s")[0]) <= 480

@@ -4,7 +4,6 @@
 same optimizer over the same batches. The 2-process DDP run of this recipe is in
 test_integration_transformers.py (test_ddp_two_processes_pass1_per_rank)."""
 import contextlib
-import copy
 
 import pytest
 import torch
@@ -42,7 +41,7 @@ def fresh(dtype=torch.float64):
     return MLP().to(dtype)
 
 
-def accelerate_loop(accelerator, model, opt, data, micro_size, autocast=False):
+def accelerate_loop(accelerator, model, opt, data, micro_size):
     """The README recipe: k micro-batches kept per step, accelerator.accumulate decides when
     a step is due, the closure runs every kept micro-batch through accelerator.backward (which
     divides by k and scales the loss in fp16), all but the last without DDP sync."""

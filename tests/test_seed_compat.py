@@ -402,3 +402,35 @@ def test_base_optimizer_checkpoint_loads_into_every_class():
         opt.load_state_dict(sgd.state_dict())
         assert opt.param_groups[0]["lr"] == 0.3
         opt.step(torch_closure(opt, ps, data(ps, 1)[0]))
+
+
+# ----------------------------------------------------------------------------- schedules
+def lk_eg_recomputes(criterion, counter, k=2):
+    """lk-eg solver/criteria_functions.py: `iteration_step_counter` (completed steps, from 0)
+    and WARMUP_CONSTANT = 1 for naive (its other criteria differ only in the trigger)."""
+    return counter % k == 0 or counter <= 1
+
+
+@pytest.mark.parametrize("warmup_steps, matches_seed", [(None, True), (0, False)])
+def test_default_warm_up_counts_inner_passes_like_the_seed(warmup_steps, matches_seed):
+    ps = params((3,))
+    opt = make(VaSSORe, ps, criterion="naive", k=2, warmup_steps=warmup_steps)
+    ours = []
+    for x in data(ps, 24):
+        ours.append(opt.needs_inner_pass())
+        opt.step(torch_closure(opt, ps, x))
+    seed = [lk_eg_recomputes("naive", t) for t in range(24)]
+    assert sum(seed) == 13
+    assert (ours == seed) is matches_seed
+    assert opt.inner_steps == (13 if matches_seed else 12)
+
+
+def test_sam_has_lk_eg_counter_names():
+    """lk-eg's train.py reads both counters of any SAM-family optimizer after training."""
+    ps = params((3,))
+    opt = make(SAM, ps)
+    for x in data(ps, 3):
+        opt.step(torch_closure(opt, ps, x))
+    assert opt.inner_gradient_calculation_counter == opt.inner_fwp_calculation_counter == 3
+    with pytest.raises(AttributeError, match="read-only alias of steps"):
+        opt.inner_fwp_calculation_counter = 0

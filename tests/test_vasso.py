@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import small_model
-from sam_kernels import SAM, VaSSO, VaSSORe, VaSSOReMu
+from sam_kernels import GAM, GSAM, SAM, VaSSO, VaSSORe, VaSSOReMu
 from small_model import OpCounter, loss_fn
 from small_model import params_of as _params
 
@@ -661,7 +661,7 @@ def test_one_process_gloo_group_reduces_the_criterion(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- failed steps
 FAIL_CASES = [(VaSSO, None), (VaSSORe, "random"), (VaSSORe, "gSAMflat"), (VaSSOReMu, "cosSim"),
               (VaSSOReMu, "random")]
-FAILURES = ("first call", "last call", "group value", "sparse gradient")
+FAILURES = ("first call", "last call", "group value", "sparse gradient", "by hand at w + e")
 FAIL_FROM = 3  # every step from this one first fails, then runs again
 
 
@@ -708,6 +708,12 @@ def _failing_run(cls, criterion, backend, failure, steps=11):
                     opt.step(closure_for(x, fail_call=2 if inner else 1))
                 elif failure == "sparse gradient":
                     opt.step(closure_for(x, fail_call=1, sparse=True))
+                elif failure == "by hand at w + e":  # a hand-written pass in pass_context()
+                    if inner:
+                        closure_for(x)()
+                    opt.first_step(zero_grad=True)
+                    with opt.pass_context():
+                        closure_for(x, fail_call=1)()
                 else:  # a hand-written step whose first_step finds an invalid group value
                     if inner:
                         closure_for(x)()
@@ -829,3 +835,31 @@ def test_data_replaced_with_another_shape_restarts_that_ema(backend_device, cls,
         norm = math.sqrt(float((d_a ** 2).sum() + (g_b ** 2).sum()))
         torch.testing.assert_close(e_b, rho * g_b / (norm + eps), rtol=1e-5, atol=1e-7)
     assert b.shape == (4, 2) and torch.isfinite(b).all()
+
+
+@pytest.mark.parametrize("cls", [SAM, GSAM, GAM, VaSSO, VaSSORe, VaSSOReMu])
+def test_every_algorithm_keeps_training_after_data_gets_another_shape(cls):
+    """One behaviour for all: the step after a parameter's .data changed shape runs, moves
+    that parameter, and whatever state it has for it has the new shape."""
+    torch.manual_seed(0)
+    a, b = _params((5,), (3, 4), dtype=torch.float64)
+    extra = {GSAM: dict(gsam_alpha=0.1), GAM: {}, SAM: {}}.get(cls, dict(theta=0.5))
+    # no momentum: torch's SGD keeps a momentum buffer of the old shape and would raise
+    opt = cls([a, b], torch.optim.SGD, lr=0.1, backend="reference", **extra)
+
+    def closure():
+        opt.zero_grad()
+        loss = (torch.sin(a) ** 2).sum() + (torch.cos(b) * b).sum()
+        loss.backward()
+        return loss
+    for _ in range(2):
+        opt.step(closure)
+    b.data = torch.randn(2, 7, dtype=torch.float64)
+    before = b.detach().clone()
+    for _ in range(3):
+        opt.step(closure)
+    assert not torch.equal(b, before) and torch.isfinite(b).all()
+    for s in opt.state.values():
+        for v in s.values():
+            if torch.is_tensor(v) and v.dim() == 2:
+                assert v.shape == (2, 7)

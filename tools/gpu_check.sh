@@ -4,14 +4,14 @@
 # runs `python -m sam_kernels.check`, the GPU tests (the op contract on the cuda/triton backends,
 # tests/test_cuda.py, tests/test_triton.py), a short GPU benchmark, and reports the gap checks of
 # issue 15 by name. Everything goes into OUT_DIR: gpu_check.log (all output), gpu_check.json
-# (per step: budget, elapsed, status; per gap check: outcome), check.json, pytest.xml, bench.json.
+# (per step: budget, elapsed, status; per gap check: outcome), check.json, pytest.xml,
+# pytest_ops.xml, build.log, bench.json, compile_anchor.json.
 #
 #   bash tools/gpu_check.sh OUT_DIR            # the real run (<= 8 minutes on an H100/H200)
 #   bash tools/gpu_check.sh --dry-run [OUT_DIR] # here, without a GPU: checks that every step's
 #                                               # command, file and test exists; prints the plan
 # Environment: PYTHON (default python3), CUDA_HOME (default /usr/local/cuda when it has nvcc),
-#   MAX_JOBS (default: the core count), GPU_CHECK_BENCH_COMPILE=0 to skip the torch.compile
-#   anchor row of the benchmark.
+#   MAX_JOBS (default: the core count).
 set -uo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$repo"
@@ -51,18 +51,18 @@ test_files=(tests/test_cuda.py tests/test_triton.py tests/test_ops.py)
 ops_filter="cuda"
 
 # Steps: name, budget in seconds, command. Budgets add up to <= 480 s (8 minutes). The gap
-# checks run first (gpu_tests); the op contract on the GPU backends after them.
-bench_compile_flag="--compile-anchor --compile-suites resnet50 --compile-algos sam --compile-budget 60"
-if [ "${GPU_CHECK_BENCH_COMPILE:-1}" = 0 ]; then bench_compile_flag=""; fi
-step_names=(environment build self_check gpu_tests ops_contract bench)
-step_budgets=(15 140 40 130 45 110)
+# checks run first (gpu_tests); the op contract on the GPU backends after them; the
+# torch.compile anchor last (its own step, so a slow compile costs only its own row).
+step_names=(environment build self_check gpu_tests ops_contract bench compile_anchor)
+step_budgets=(30 130 40 130 40 50 60)
 step_cmds=(
   "step_environment"
   "step_build"
   "$py -m sam_kernels.check --quick --json $out/check.json"
   "$py -m pytest -q -p no:cacheprovider -rs --junitxml=$out/pytest.xml tests/test_cuda.py tests/test_triton.py"
   "$py -m pytest -q -p no:cacheprovider -rs --junitxml=$out/pytest_ops.xml tests/test_ops.py -k $ops_filter"
-  "$py bench/run.py --device cuda --suite resnet50 small2000 --algos sam gsam --reps 10 --budget 0.3 --no-e2e --no-plot $bench_compile_flag --out $out/bench.json"
+  "$py bench/run.py --device cuda --suite resnet50 small2000 --algos sam gsam --reps 10 --budget 0.3 --no-e2e --no-plot --out $out/bench.json"
+  "$py -m bench.compile_anchor --device cuda --suite resnet50 --algo sam --reps 10 --budget 0.3 --compile-budget 40 --out $out/compile_anchor.json"
 )
 
 missing_package_help() {
@@ -167,6 +167,9 @@ dry_run() {
   for flag in --compile-anchor --compile-suites --compile-algos --compile-budget --no-e2e; do
     grep -q -- "\"$flag\"" bench/run.py || { say "FAIL: bench/run.py has no $flag"; ok=0; }
   done
+  for flag in --device --suite --algo --reps --budget --compile-budget --out; do
+    grep -q -- "\"$flag\"" bench/compile_anchor.py || { say "FAIL: bench/compile_anchor.py has no $flag"; ok=0; }
+  done
   for t in "${gap_tests[@]}"; do
     if ! grep -q "^def ${t#*::}(" "${t%%::*}" 2>/dev/null; then say "FAIL: gap check $t not found"; ok=0; fi
   done
@@ -222,7 +225,7 @@ except Exception as exc:
     machine = {"error": repr(exc)}
 result = {"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": int(time.time()) - start,
           "machine": machine, "steps": steps, "tests": summary, "gap_checks": gap}
-for name in ("check.json", "bench.json"):
+for name in ("check.json", "bench.json", "compile_anchor.json"):
     path = os.path.join(out, name)
     if os.path.exists(path):
         result[name.split(".")[0]] = {"file": name}

@@ -38,6 +38,20 @@ def attach_model(optimizer: SharpnessAwareOptimizer, model: Optional[torch.nn.Mo
                            "sam_kernels/integrations/_common.py")
 
 
+def refresh_device(optimizer: SharpnessAwareOptimizer) -> None:
+    """Trainer moves the model to its device after a user built the optimizer (way 1 of
+    SAMTrainer, on a GPU): the parameters are the same objects, but the optimizer resolved
+    its device and backend at construction, so resolve them again when they moved."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    current = getattr(optimizer, "_device", None)
+    if params and current is not None and params[0].device != current:
+        resolve = getattr(optimizer, "_set_device", None)
+        if not callable(resolve):
+            raise RuntimeError("the optimizer's parameters moved to another device after it was "
+                               "built; build it after model.to(device)")
+        resolve()
+
+
 def update_scaler(optimizer: SharpnessAwareOptimizer) -> Optional[bool]:
     """After a step with a GradScaler: `scaler.update()`, and whether the step was skipped
     (the scale backs off exactly when some pass had inf/NaN). None without a scaler."""

@@ -17,7 +17,7 @@ import torch
 from transformers import Trainer
 
 from .. import optim
-from ._common import attach_model, require_sam
+from ._common import attach_model, refresh_device, require_sam
 from .accelerate import SAMAcceleratedOptimizer, enable_sam_step
 
 __all__ = ["SAMTrainer", "ALGORITHMS"]
@@ -69,9 +69,9 @@ class SAMTrainer(Trainer):
       cannot change the normalised perturbation, and never the gradient that is applied. An
       optimizer built with its own ``max_grad_norm`` keeps it. The logged ``grad_norm`` is the
       final gradient's norm before clipping;
-    - **logged loss**: the loss of pass 1 (at w), as ``step(closure)`` returns it (VaSSORe and
-      VaSSOReMu return the loss at w + e on steps that skip pass 1); ``surrogate_gap`` too when
-      the optimizer reports ``last_surrogate_gap``;
+    - **logged loss**: what ``step(closure)`` returns: the loss of pass 1, at w (VaSSORe and
+      VaSSOReMu return the loss at w + e, the pass every step has); ``surrogate_gap`` (the last
+      step's) too when the optimizer reports ``last_surrogate_gap``;
     - **fp16**: the accelerator's GradScaler becomes the optimizer's ``grad_scaler``: each pass
       is unscaled once, an inf/NaN in any pass skips the update exactly (and the LR scheduler
       step, as Trainer does), ``scaler.update()`` runs once per step;
@@ -79,7 +79,8 @@ class SAMTrainer(Trainer):
       (``no_sync``) and the synchronised pass all-reduces once, after its last micro-batch.
     """
 
-    def __init__(self, *args: Any, sam: Union[str, Type[optim.SharpnessAwareOptimizer], None] = None,
+    def __init__(self, *args: Any,
+                 sam: Union[str, Type[optim.SharpnessAwareOptimizer], None] = None,
                  sam_kwargs: Optional[Dict[str, Any]] = None, **kwargs: Any) -> None:
         self._sam_spec = _resolve(sam, sam_kwargs)
         super().__init__(*args, **kwargs)
@@ -151,6 +152,7 @@ class SAMTrainer(Trainer):
                                "mixed-precision runs (not DeepSpeed, FSDP or SageMaker MP)")
         sam = accelerated.optimizer
         attach_model(sam, model)  # the DDP wrapper Trainer made, for the per-rank pass 1
+        refresh_device(sam)  # Trainer may have moved the model after the optimizer was built
         run_micro_batch = super().training_step
 
         def closure():

@@ -264,17 +264,18 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     def _slots_with_grads(self) -> List[GradSlots]:
         """Per param group, the parameters that have a gradient now (dense, on one device)."""
         slots = []
-        local_grad = self._dist.local_grad
+        local_grad = self._dist.local_grad if self._dist.sharded else None
         for group in self.param_groups:
             params, grads = [], []
             for p in group["params"]:
-                if p.grad is None:
+                g = p.grad
+                if g is None:
                     continue
-                if p.grad.is_sparse:
+                if g.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse "
                                        "gradients (e.g. nn.Embedding(sparse=True))")
                 params.append(p)
-                grads.append(local_grad(p))
+                grads.append(g if local_grad is None else local_grad(p))
             if params:
                 slots.append(GradSlots(group, params, grads, self._locals(params)))
         return slots

@@ -93,9 +93,9 @@ class FriendlySAM(ClosureMixin, SharpnessAwareOptimizer):
         self._require_perturbed("second_step()")
         self._unscale_grads()
         self._restore()
-        self._base_step()
-        self.steps += 1
+        self.steps += 1  # before: a skipped step puts the counters back with the momentum
         self.inner_steps += 1
+        self._base_step()
         if zero_grad:
             self.zero_grad()
 

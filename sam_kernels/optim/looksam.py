@@ -58,6 +58,7 @@ class LookSAM(PeriodicTwoPass, ClosureMixin, SharpnessAwareOptimizer):
     _nonnegative_group_keys = ("rho", "eta")
     _amp_guarded_state = (_GV, _GV_NORM)
     _gv_sum_sq = StepVar()  # ‖g_v‖² over all parameters (granularity 'global')
+    _gv_den_sq = StepVar()  # (‖g_v‖ + eps)², what a one-pass step divides by ‖g‖²
     _kept = StepVar(())  # the parameters whose g was kept in first_step()
 
     def __init__(self, params: Iterable, base_optimizer: Any, rho: float = 0.05, k: int = 5,
@@ -127,8 +128,8 @@ class LookSAM(PeriodicTwoPass, ClosureMixin, SharpnessAwareOptimizer):
         else:
             self._keep_gv(slots)
             self._restore()
-        self._base_step()
         self._count_step(perturbed=not one_pass)
+        self._base_step()
         if zero_grad:
             self.zero_grad()
 
@@ -159,7 +160,7 @@ class LookSAM(PeriodicTwoPass, ClosureMixin, SharpnessAwareOptimizer):
             if buf is not None:
                 had[p] = buf
         if not params:
-            self._gv_sum_sq = None
+            self._gv_sum_sq = self._gv_den_sq = None
             return
         ops = self._ops()
         if self.granularity == "global":
@@ -170,6 +171,7 @@ class LookSAM(PeriodicTwoPass, ClosureMixin, SharpnessAwareOptimizer):
             torch._foreach_mul_(g, coef)
             ops.axpby_(g, g_s, -1.0, 1.0)
             self._gv_sum_sq = self._global_sum(ops.sum_sq(g, [], 0.0))
+            self._gv_den_sq = (self._gv_sum_sq.sqrt() + self.eps) ** 2
         else:
             sq = self._per_tensor_sq([g, g_s, torch._foreach_add(g, g_s)])
             n_g, n_s = sq[0].sqrt(), sq[1].sqrt()
@@ -202,7 +204,9 @@ class LookSAM(PeriodicTwoPass, ClosureMixin, SharpnessAwareOptimizer):
             # perturb_ adds s·x with s = rho/(√X + eps) read on the device: rho = −alpha,
             # eps = 0 and X = ((‖g_v‖ + eps)/‖g‖)² give s = −alpha·‖g‖/(‖g_v‖ + eps) (the
             # stored x is −g_v); ‖g‖ = 0 gives X = inf, s = 0
-            x = ((self._gv_sum_sq.sqrt() + self.eps) ** 2 / g_sq).to(g_sq.dtype)
+            if self._gv_den_sq is None:  # after a resume
+                self._gv_den_sq = (self._gv_sum_sq.sqrt() + self.eps) ** 2
+            x = (self._gv_den_sq / g_sq).to(g_sq.dtype)
             ops.perturb_(ys, xs, x, -self.alpha, 0.0, False, 0.0, [])
         else:
             n_g = self._per_tensor_sq([ys])[0].sqrt()
@@ -226,6 +230,7 @@ class LookSAM(PeriodicTwoPass, ClosureMixin, SharpnessAwareOptimizer):
         self._load_counters(extra)
         gv = extra.get("gv_sum_sq")
         self._gv_sum_sq = None if gv is None else gv.to(device=self._device or "cpu", copy=True)
+        self._gv_den_sq = None
 
     def __repr__(self) -> str:
         return f"LookSAM(k={self.k}, alpha={self.alpha}, granularity={self.granularity!r}, " \

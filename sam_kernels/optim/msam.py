@@ -49,6 +49,9 @@ class MomentumSAM(ClosureMixin, SharpnessAwareOptimizer):
     """
 
     _nonnegative_group_keys = ("rho",)
+    # no tensor state of its own (v is the base optimizer's); a non-empty key list makes a
+    # skipped step (GradScaler, skip_nonfinite) put the counters back
+    _amp_guarded_state = ("msam_counters",)
     steps = StepVar(0)
     inner_steps = StepVar(0)
     _started = StepVar(False)  # first_step() ran, second_step() pending
@@ -148,9 +151,9 @@ class MomentumSAM(ClosureMixin, SharpnessAwareOptimizer):
         if perturbed:
             self._restore()
         self._started = False
-        self._base_step()
-        self.steps += 1
+        self.steps += 1  # before: a skipped step puts the counters back
         self.inner_steps += int(perturbed)
+        self._base_step()
         if zero_grad:
             self.zero_grad()
 

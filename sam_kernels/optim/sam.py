@@ -6,7 +6,8 @@ from typing import Any, Callable, Iterable, List, Optional
 import torch
 
 from .base import GradSlots, SharpnessAwareOptimizer, StepVar, check_nonnegative, check_positive
-from .seed_compat import SeedCompat, adapt_closure, check_keywords, check_step_arguments
+from .seed_compat import (ReadOnlyAlias, SeedCompat, adapt_closure, check_keywords,
+                          check_step_arguments)
 
 
 def check_int(name: str, value: Any, minimum: int) -> None:
@@ -61,11 +62,9 @@ class PeriodicTwoPass:
                                "needs_perturbed_pass() before running a pass at w + e)")
         return super().pass_context(freeze_bn=freeze_bn)
 
-    def _snapshot_guarded_state(self) -> None:
-        if not self._one_pass:  # a one-pass step changes no guarded state
-            super()._snapshot_guarded_state()
-
     def _count_step(self, perturbed: bool) -> None:
+        """Before _base_step(): a step it skips (GradScaler, skip_nonfinite) puts the counters
+        back with the rest of the state, so the schedule resumes where it was."""
         self.steps += 1
         self.inner_steps += int(perturbed)
 
@@ -114,8 +113,9 @@ class SAM(PeriodicTwoPass, SeedCompat, SharpnessAwareOptimizer):
             paper's recipe is ``eta=0.01`` with biases and norm layers in a non-adaptive group.
         eps: added to the norm (> 0).
         interval: Composer's interval SAM: steps t = 0, interval, 2·interval, … (t counts
-            completed steps, ``steps``) are SAM steps; the others one pass at w and a plain
-            base step (``interval=1``, the default: SAM on every step).
+            completed steps, ``steps``; checkpointed, and a step skipped for inf/NaN does not
+            count) are SAM steps; the others one pass at w and a plain base step
+            (``interval=1``, the default: SAM on every step).
         backend: 'auto', 'reference', 'cpu', 'cuda' or 'triton' (see ``sam_kernels.ops``).
         model: optional module; when ``step(closure)`` runs the passes, its BatchNorm running
             statistics are frozen during the pass at the perturbed weights, and if it is a
@@ -148,6 +148,9 @@ class SAM(PeriodicTwoPass, SeedCompat, SharpnessAwareOptimizer):
 
     _nonnegative_group_keys = ("rho", "eta")
     _seed_family = "sam"  # load_state_dict converts davda54's, BingcongLi's, lk-eg's SAM
+    #: lk-eg's SAM counters (read by its train.py): every step computes the gradient at w
+    inner_gradient_calculation_counter = ReadOnlyAlias("steps")
+    inner_fwp_calculation_counter = ReadOnlyAlias("steps")
 
     def __init__(self, params: Iterable, base_optimizer: Any, rho: float = 0.05,
                  adaptive: bool = False, eta: float = 0.0, eps: float = 1e-12,
@@ -162,6 +165,10 @@ class SAM(PeriodicTwoPass, SeedCompat, SharpnessAwareOptimizer):
         check_int("interval", interval, 1)
         self.eps = float(eps)
         self.interval = interval
+        if interval > 1:
+            # no tensor state, but the counters decide the schedule: a non-empty key list makes
+            # a skipped step (GradScaler, skip_nonfinite) put them back (one host read then)
+            self._amp_guarded_state = ("sam_interval_counters",)
         defaults = dict(rho=rho, adaptive=bool(adaptive), eta=eta)
         super().__init__(params, base_optimizer, defaults, backend=backend, model=model,
                          base_kwargs=base_kwargs, grad_scaler=grad_scaler,
@@ -198,8 +205,8 @@ class SAM(PeriodicTwoPass, SeedCompat, SharpnessAwareOptimizer):
             self._one_pass = False
         else:
             self._restore()
+        self._count_step(perturbed=not one_pass)
         self._base_step()
-        self._count_step(perturbed=not one_pass)  # after: a skipped (AMP) step counts too
         if zero_grad:
             self.zero_grad()
 
@@ -217,7 +224,8 @@ class SAM(PeriodicTwoPass, SeedCompat, SharpnessAwareOptimizer):
         return self._run_step(closure)
 
     def _extra_state(self):
-        return self._counters()
+        # interval 1: plain SAM, whose checkpoints and skipped steps never had counters
+        return self._counters() if self.interval > 1 else {}
 
     def _load_extra_state(self, extra) -> None:
         self._load_counters(extra)

@@ -5,7 +5,6 @@ FriendlySAM and MomentumSAM honour a group's ``perturb=False`` (left out of the 
 e, still stepped by the base optimizer)."""
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
-import torch
 from torch import nn
 
 #: the module types whose parameters SAM-ON perturbs by default

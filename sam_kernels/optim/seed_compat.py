@@ -52,8 +52,10 @@ def check_keywords(cls: type, base_optimizer: Any, base_kwargs: Dict[str, Any]) 
     the base optimizer does take are left to the base class (a class gets them; an instance
     refuses them: its hyper-parameters are set already)."""
     extra = [k for k in base_kwargs if k not in BASE_CLASS_KEYWORDS]
-    if not extra:
-        return
+    is_optimizer = isinstance(base_optimizer, torch.optim.Optimizer) or (
+        isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer))
+    if not extra or not is_optimizer:
+        return  # the base class says what base_optimizer must be
     name = cls.__name__
     accepted = _base_keywords(base_optimizer)
     is_class = isinstance(base_optimizer, type)

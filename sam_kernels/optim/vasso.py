@@ -288,6 +288,15 @@ class VaSSO(ClosureMixin, SeedCompat, SharpnessAwareOptimizer):
         model: optional module: BatchNorm running statistics are frozen in the pass at w + e
             when the step also ran the pass at w; needed by ``set_closure``.
         backend: 'auto', 'reference', 'cpu', 'cuda' or 'triton'.
+        args, logger: the seeds' argparse namespace (supplies ``rho``, ``theta``; VaSSORe also
+            lk-eg's ``crt``, ``crt_k``, ``crt_p``, ``crt_z``, ``z_two``, ``lam``, ``crt_c``)
+            and logger (not used), so that their scripts build it unchanged.
+
+    A step that raises leaves weights and state as they were (see ``step``); a parameter whose
+    ``.data`` gets another shape restarts its EMA. ``iteration_step_counter``,
+    ``inner_gradient_calculation_counter`` and ``inner_fwp_calculation_counter`` are lk-eg's
+    (read-only) names for ``steps`` and ``inner_steps``; ``load_state_dict`` converts the
+    seeds' checkpoints (docs/vasso.md).
 
     Example::
 
@@ -660,6 +669,9 @@ class VaSSORe(VaSSO):
     pass 1; the stored d and ‖d‖ give the same e (no EMA update, no renormalisation). Then
     ``w ← w + e``, pass 2, exact restore, criterion statistics of the outer gradient, base
     step.
+
+    lk-eg's keyword names ``crt``, ``crt_k``, ``crt_p``, ``crt_z``, ``crt_c`` are aliases of
+    ``criterion``, ``k``, ``p``, ``z``, ``c``.
 
     Criteria (``criterion=``): ``naive`` (t % k == 0), ``random`` (u < p, u from
     ``generator``), ``gSAMflat`` / ``gSAMsharp`` / ``gSAMratio`` (outer-gradient norm against

@@ -37,13 +37,10 @@ BLOCK_ENV_VAR = "SAM_KERNELS_TRITON_BLOCK"
 #: elements (four 16-byte vector loads) per thread, the usual shape of bandwidth-bound Triton
 #: kernels. Not tuned on a GPU here: `python -m sam_kernels.check` times other sizes.
 DEFAULT_BLOCK = 4096
-#: 16384 at most: compiled for sm_90, 65536 spilled 1-5 KiB per thread to local memory (fp32
-#: and fp64), 16384 fp32 did not (tests/test_triton.py checks the largest blocks compile
-#: without spilling).
-MIN_BLOCK, MAX_BLOCK = 16, 1 << 14
-#: Bytes of one list a program covers at most: fp64 groups run at most 8192 elements per
-#: program (16384 fp64 spilled 240 bytes per thread on sm_90; 8192 did not).
-MAX_PROGRAM_BYTES = 1 << 16
+#: 8192 at most: compiled for sm_90, 65536 spilled 1-5 KiB per thread to local memory, 16384
+#: spilled 56-240 bytes wherever the kernel works in fp64 (fp64 data; the reductions, which
+#: square and sum in fp64), 8192 spills nowhere (tests/test_triton.py checks it).
+MIN_BLOCK, MAX_BLOCK = 16, 1 << 13
 #: Elements of the partials buffer each finalize iteration reads.
 FINALIZE_BLOCK = 1024
 #: Contract a*b+c into FMAs, as nvcc does for the CUDA backend (Triton 3.9's default, set
@@ -109,12 +106,6 @@ def block_size(value: int) -> Iterator[None]:
 def num_warps(block: int) -> int:
     """Warps per program: 8-16 elements per thread, 1 to 16 warps."""
     return max(1, min(16, block // 512))
-
-
-def group_block(block: int, dtype: torch.dtype) -> int:
-    """Elements per program for a group of `dtype`: the setting, capped at MAX_PROGRAM_BYTES."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return min(block, MAX_PROGRAM_BYTES // itemsize)
 
 
 def rounds_to_zero(x: float, dtype: torch.dtype) -> bool:
@@ -305,15 +296,14 @@ class Plan:
 
 
 def group_launches(lists: Sequence[Tensors], block: int) -> Tuple[GroupLaunch, ...]:
-    """Per (dtype, aligned) group of the paired `lists`, a freshly built table at the group's
-    block size (group_block); groups with no element are left out."""
+    """Per (dtype, aligned) group of the paired `lists`, a freshly built table; groups with no
+    element are left out."""
     launches = []
     for (dtype, _), idx in launch_groups(lists).items():
         group = [[xs[i] for i in idx] for xs in lists] if len(idx) < len(lists[0]) else lists
-        size = group_block(block, dtype)
-        table = build_table(group, size)
+        table = build_table(group, block)
         if table.n_programs:
-            launches.append(GroupLaunch(dtype, table, len(lists), size))
+            launches.append(GroupLaunch(dtype, table, len(lists), block))
     return tuple(launches)
 
 
