@@ -9,9 +9,9 @@ Writes bench/results/sharded-<machine>-<date>.json (or --out) and prints a table
 
 Method (per rank; each rank is one process with one intra-op thread):
 - time: one model per optimizer, each wrapped alike; every repetition runs one SGD step and one
-  step of each algorithm in turn (the order rotates), each between two barriers, timed with
+  step of each algorithm in turn (the order rotates), each after a barrier, timed with
   perf_counter; reported are medians over repetitions and their ratio to SGD's (both include
-  the forward/backward passes: SAM's ideal is ~2x, two passes).
+  the forward/backward passes: SAM's floor is ~2x, two passes).
 - collectives: every collective dispatched during one step (after warm-up), counted with a
   TorchDispatchMode that lets DTensor desugar first (so collectives DTensor issues itself are
   seen too), by op, group size and elements.
@@ -22,10 +22,14 @@ Method (per rank; each rank is one process with one intra-op thread):
   (`profile_memory=True`: every CPU tensor allocation and free, with its size) over five
   steps; the largest peak of their running sum within a step (the first left out) above its
   value at the step's start is the most a step holds on top of what was live before it
-  (all-gathered weights, activations, gradients, the optimizer's temporaries). Peak per rank = local parameters + persistent + the gradients left by the
-  previous step + transient. Also recorded:
-  the kernel's peak RSS over those steps (VmHWM after `echo 5 > /proc/self/clear_refs`)
-  above the RSS before them — coarser (allocator slack of several MiB), a cross-check.
+  (all-gathered weights, activations, gradients, the optimizer's temporaries). It varies by
+  several MiB between runs (when FSDP's asynchronous reduce-scatter buffers are freed), so
+  compare persistent bytes exactly and transient ones only coarsely. Peak per rank = local
+  parameters + persistent + the gradients left by the previous step + transient. Also
+  recorded: the kernel's peak RSS over those steps (VmHWM after
+  `echo 5 > /proc/self/clear_refs`) above the RSS before them, a coarser cross-check.
+- timing, above: "x SGD" is the ratio of medians (slower rank); "paired" the median over
+  repetitions of each step's time over the SGD step next to it (less sensitive to drift).
 """
 import argparse
 import datetime
@@ -309,8 +313,14 @@ def run(algos=("SAM",), reps=30, warmup=3, quick=False):
                       "collectives": _summarise(timing[0]["collectives"][name])}
     base = rows["SGD"]["median_s_per_rank"]
     for name in names:
+        # ratio of medians (the slower rank), and the median of per-repetition ratios (each
+        # repetition's step against the SGD step next to it: less sensitive to load drift)
         rows[name]["ratio_to_sgd"] = max(a / b for a, b in zip(rows[name]["median_s_per_rank"],
                                                                  base))
+        rows[name]["paired_ratio_to_sgd"] = max(
+            statistics.median(a / b for a, b in zip(t["times"][name], t["times"]["SGD"]))
+            for t in timing)
+        rows[name]["times_s_per_rank"] = [t["times"][name] for t in timing]
         # beyond FSDP's own: passes x what SGD's one forward+backward costs
         rows[name]["passes"] = PASSES.get(name, 2)
         rows[name]["extra_collectives"] = rows[name]["collectives_per_step"] - \
@@ -353,7 +363,7 @@ def _peak_bytes(m):
 def table(results):
     rows = results["rows"]
     mib = 2 ** 20
-    lines = [f"{'optimizer':10} {'ms/step r0':>10} {'ms/step r1':>10} {'x SGD':>6} "
+    lines = [f"{'optimizer':10} {'ms/step r0':>10} {'ms/step r1':>10} {'x SGD':>6} {'paired':>6} "
              f"{'coll/step':>9} {'extra':>5} {'held MiB':>9} {'transient MiB':>13} "
              f"{'peak MiB':>9} {'x SGD':>6}   (memory: rank 0)"]
     peaks = {}
@@ -365,6 +375,7 @@ def table(results):
         lines.append(
             f"{name:10} {row['median_s_per_rank'][0] * 1e3:10.2f} "
             f"{row['median_s_per_rank'][1] * 1e3:10.2f} {row['ratio_to_sgd']:6.2f} "
+            f"{row['paired_ratio_to_sgd']:6.2f} "
             f"{row['collectives_per_step']:9d} {row['extra_collectives']:5d} "
             f"{m['held_bytes'] / mib:9.2f} {m['step_transient_bytes'] / mib:13.2f} "
             f"{peaks[name] / mib:9.2f} {peaks[name] / peaks['SGD']:6.2f}")

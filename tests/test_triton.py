@@ -521,6 +521,19 @@ def test_block_size_setting(monkeypatch):
 
 
 @needs_triton
+def test_fp64_groups_cap_the_block_at_32_kib(tk):
+    """At the largest block an fp64 group runs 4096 elements per program (8192 needed stack
+    under Triton 3.6), other dtypes the setting."""
+    from sam_kernels.ops.triton_kernels import utils
+    xs = _randn([(20_000,)]) + _randn([(20_000,)], torch.float64) + _randn([(20_000,)],
+                                                                          torch.bfloat16)
+    with tk.block_size(utils.MAX_BLOCK):
+        groups = utils.plan("test", [xs], check=lambda: None).groups
+    assert [(g.dtype, g.block, g.table.n_programs) for g in groups] == [
+        (torch.float32, 8192, 3), (torch.float64, 4096, 5), (torch.bfloat16, 8192, 3)]
+
+
+@needs_triton
 def test_block_size_sets_programs_per_tensor(tk):
     from sam_kernels.ops.triton_kernels import utils
     xs = _randn([(100,), (33,)])
@@ -638,20 +651,20 @@ _COMPILE_SCRIPT = """
             ptx = compiled.asm["ptx"]
             results[f"{name}/{dtype}"] = sorted(set(re.findall(r"ld\\.global\\.v4|st\\.global\\.v4",
                                                              ptx)))
-    # The largest block (utils.MAX_BLOCK) must not spill registers to local memory: the stack
-    # size of the compiled kernel, from Triton's cuobjdump.
-    import os, subprocess, tempfile
+    # The largest block of each dtype (utils.group_block(MAX_BLOCK)) must not spill registers
+    # to local memory: the stack size of the compiled kernel, from Triton's cuobjdump.
+    import os, subprocess, tempfile, torch
     from sam_kernels.ops.triton_kernels import utils
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                              "cuobjdump")
     stacks = {}
     for kernel in (elementwise._perturb_kernel, reductions._dot_sum_sq_kernel,
                    reductions._lerp_sum_sq_kernel):
-        for dtype in (tl.float32, tl.float64):
+        for dtype, tdtype in ((tl.float32, torch.float32), (tl.float64, torch.float64)):
             if not os.path.exists(cuobjdump):
                 break
             name = kernel.fn.__name__
-            block = utils.MAX_BLOCK
+            block = utils.group_block(utils.MAX_BLOCK, tdtype)
             acc = tl.float64 if dtype == tl.float64 else tl.float32
             meta = dict(EXTRA, N_LISTS=N_LISTS.get(name, 2), DTYPE=dtype, ACC=acc,
                         ALIGNED=True, BLOCK=block)
@@ -684,7 +697,7 @@ def test_kernels_compile_for_a_gpu_target_with_vector_accesses():
     assert proc.returncode == 0, proc.stderr[-3000:]
     both = json.loads(proc.stdout.strip().splitlines()[-1])
     results = both["vector"]
-    # no spills at the largest block (8192; 65536 spilled KiBs, 16384 up to 240 bytes)
+    # no spills at the largest blocks (fp64 capped at 4096; 65536 spilled KiBs)
     assert all(stack == [0] for stack in both["stack"].values()), both["stack"]
     assert len(both["stack"]) in (0, 6)
     assert len(results) == 7 * 3 + 1

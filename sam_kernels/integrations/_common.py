@@ -3,7 +3,7 @@ from typing import Optional
 
 import torch
 
-from ..optim.base import SharpnessAwareOptimizer, find_ddp  # noqa: F401
+from ..optim.base import SharpnessAwareOptimizer
 
 
 def require_sam(optimizer, where: str) -> SharpnessAwareOptimizer:
@@ -16,26 +16,10 @@ def require_sam(optimizer, where: str) -> SharpnessAwareOptimizer:
 def attach_model(optimizer: SharpnessAwareOptimizer, model: Optional[torch.nn.Module]) -> None:
     """Point `optimizer.model` at the module the training loop actually runs (e.g. the DDP
     wrapper a framework made after the optimizer was built), so that pass 1 runs per rank
-    and BatchNorm statistics freeze at w + e. The optimizer looks the DDP module up once, at
-    construction, so the lookup is refreshed here."""
+    and BatchNorm statistics freeze at w + e."""
     if model is None or optimizer.model is model:
         return
-    hook = getattr(optimizer, "set_model", None)  # the base class's own hook, when it has one
-    if callable(hook):
-        hook(model)
-        return
-    # until the base class has that hook: redo what its __init__ does with `model`
-    if hasattr(optimizer, "_dist"):
-        from ..optim import distributed
-        strategy = distributed.choose([p for g in optimizer.param_groups for p in g["params"]],
-                                      model)
-        optimizer.model, optimizer._dist = model, strategy
-    elif hasattr(optimizer, "_ddp_module"):
-        optimizer.model, optimizer._ddp_module = model, find_ddp(model)
-    else:
-        raise RuntimeError("sam_kernels.integrations: the optimizer keeps its DDP module in a "
-                           "way attach_model() does not know; update "
-                           "sam_kernels/integrations/_common.py")
+    optimizer.set_model(model)
 
 
 def refresh_device(optimizer: SharpnessAwareOptimizer) -> None:
@@ -43,13 +27,8 @@ def refresh_device(optimizer: SharpnessAwareOptimizer) -> None:
     SAMTrainer, on a GPU): the parameters are the same objects, but the optimizer resolved
     its device and backend at construction, so resolve them again when they moved."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    current = getattr(optimizer, "_device", None)
-    if params and current is not None and params[0].device != current:
-        resolve = getattr(optimizer, "_set_device", None)
-        if not callable(resolve):
-            raise RuntimeError("the optimizer's parameters moved to another device after it was "
-                               "built; build it after model.to(device)")
-        resolve()
+    if params and optimizer._device is not None and params[0].device != optimizer._device:
+        optimizer.set_model(optimizer.model)
 
 
 def update_scaler(optimizer: SharpnessAwareOptimizer) -> Optional[bool]:

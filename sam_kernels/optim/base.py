@@ -218,6 +218,15 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self._device, self._backend_module, self._dist = device, backend_module, strategy
         self._watch_backward(self.param_groups[n:])
 
+    def set_model(self, model: Optional[torch.nn.Module]) -> None:
+        """Point the optimizer at the module the training loop runs (e.g. the DDP wrapper a
+        framework made after the optimizer was built), and resolve the parameters' device and
+        backend again (a trainer may have moved them since construction)."""
+        self._require_unperturbed("set_model()")
+        strategy = distributed.choose(_all_params(self.param_groups), model)
+        self._set_device()
+        self.model, self._dist = model, strategy
+
     def _set_device(self) -> None:
         self._device, self._backend_module = self._resolve_device()
 

@@ -38,9 +38,12 @@ BLOCK_ENV_VAR = "SAM_KERNELS_TRITON_BLOCK"
 #: kernels. Not tuned on a GPU here: `python -m sam_kernels.check` times other sizes.
 DEFAULT_BLOCK = 4096
 #: 8192 at most: compiled for sm_90, 65536 spilled 1-5 KiB per thread to local memory, 16384
-#: spilled 56-240 bytes wherever the kernel works in fp64 (fp64 data; the reductions, which
-#: square and sum in fp64), 8192 spills nowhere (tests/test_triton.py checks it).
+#: spilled 56-320 bytes (fp32 data; more wherever a kernel works in fp64), 8192 none for
+#: fp32/fp16/bf16 data (tests/test_triton.py checks it, Triton 3.6 and 3.9).
 MIN_BLOCK, MAX_BLOCK = 16, 1 << 13
+#: Bytes of one list a program covers at most: fp64 groups run at most 4096 elements per
+#: program (8192 fp64 needed an 8-byte stack frame in _perturb_kernel under Triton 3.6).
+MAX_PROGRAM_BYTES = 1 << 15
 #: Elements of the partials buffer each finalize iteration reads.
 FINALIZE_BLOCK = 1024
 #: Contract a*b+c into FMAs, as nvcc does for the CUDA backend (Triton 3.9's default, set
@@ -106,6 +109,11 @@ def block_size(value: int) -> Iterator[None]:
 def num_warps(block: int) -> int:
     """Warps per program: 8-16 elements per thread, 1 to 16 warps."""
     return max(1, min(16, block // 512))
+
+
+def group_block(block: int, dtype: torch.dtype) -> int:
+    """Elements per program for a group of `dtype`: the setting, capped at MAX_PROGRAM_BYTES."""
+    return min(block, MAX_PROGRAM_BYTES // dtype.itemsize)
 
 
 def rounds_to_zero(x: float, dtype: torch.dtype) -> bool:
@@ -296,14 +304,15 @@ class Plan:
 
 
 def group_launches(lists: Sequence[Tensors], block: int) -> Tuple[GroupLaunch, ...]:
-    """Per (dtype, aligned) group of the paired `lists`, a freshly built table; groups with no
-    element are left out."""
+    """Per (dtype, aligned) group of the paired `lists`, a freshly built table at the group's
+    block size (group_block); groups with no element are left out."""
     launches = []
     for (dtype, _), idx in launch_groups(lists).items():
         group = [[xs[i] for i in idx] for xs in lists] if len(idx) < len(lists[0]) else lists
-        table = build_table(group, block)
+        size = group_block(block, dtype)
+        table = build_table(group, size)
         if table.n_programs:
-            launches.append(GroupLaunch(dtype, table, len(lists), block))
+            launches.append(GroupLaunch(dtype, table, len(lists), size))
     return tuple(launches)
 
 
