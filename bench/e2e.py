@@ -228,3 +228,78 @@ def run_e2e(device: torch.device, steps: int = 50, warmup: int = 5, criteria_war
             "warmup_steps": warmup, "criteria_warmup_steps": criteria_warmup,
             "timed_steps": steps, "interleave_chunk": chunk, "base": f"SGD{BASE_KWARGS}",
             "torch_threads": torch.get_num_threads(), "rows": rows, "notes": notes}
+
+
+def run_efficient(device: torch.device, runs: int = 4, steps: int = 300, chunk: int = 5,
+                  labels=EFFICIENT_E2E, log=print) -> Dict[str, Any]:
+    """Issue 14's table: the variants that cut SAM's second pass next to SAM, `runs`
+    independent runs of `steps` interleaved timed steps each (fresh trainers, 5 warm-up
+    steps). Per run and algorithm: mean step time ÷ SGD's (what `run_e2e` reports) and the
+    passes of every step; the summary is the median over runs, with the range and the load
+    average around each run (on a shared machine the spread is the honest error bar)."""
+    x, y, source = digits_data(device)
+    gen = torch.Generator().manual_seed(0)
+    order = [torch.randint(0, len(y), (64,), generator=gen) for _ in range(steps + 10)]
+    batches = [(x[i.to(device)], y[i.to(device)]) for i in order]
+    by_label = {a.label: a for a in E2E_ALGOS}
+    results = []
+    for r in range(runs):
+        load = [_loadavg()]
+        trainers = []
+        for label in ("SGD",) + tuple(lab for lab in labels if lab != "SGD"):
+            tr = _Trainer(by_label[label], device, batches)
+            tr.run(5, timed=False)
+            tr.kinds = []
+            trainers.append(tr)
+        done = 0
+        while done < steps:
+            for tr in trainers:
+                for _ in range(min(chunk, steps - done)):
+                    before = tr.passes
+                    tr.run(1, timed=True)
+                    tr.kinds.append(tr.passes - before)
+            done += min(chunk, steps - done)
+        load.append(_loadavg())
+        sgd = statistics.fmean(trainers[0].times)
+        rows = [{"algo": tr.algo.label, "ratio_to_sgd": statistics.fmean(tr.times) / sgd,
+                 "mean_ms": 1e3 * statistics.fmean(tr.times),
+                 "passes_per_step": sum(tr.kinds) / len(tr.kinds)} for tr in trainers]
+        results.append({"load": load, "rows": rows})
+        log(f"run {r}: load {load[0]} -> {load[1]}: " +
+            ", ".join(f"{row['algo']} {row['ratio_to_sgd']:.2f}" for row in rows[1:]))
+    summary = []
+    for i, row in enumerate(results[0]["rows"]):
+        ratios = [run["rows"][i]["ratio_to_sgd"] for run in results]
+        summary.append({"algo": row["algo"], "ratio_median": statistics.median(ratios),
+                        "ratio_min": min(ratios), "ratio_max": max(ratios),
+                        "passes_per_step": row["passes_per_step"]})
+    return {"model": "small CNN (3 conv + BN, 24k params)", "data": source, "batch": 64,
+            "steps_per_run": steps, "runs": runs, "interleave_chunk": chunk,
+            "torch_threads": torch.get_num_threads(), "base": f"SGD{BASE_KWARGS}",
+            "summary": summary, "per_run": results}
+
+
+def _loadavg() -> Optional[List[str]]:
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().split()[:3]
+    except OSError:
+        return None
+
+
+if __name__ == "__main__":  # python -m bench.e2e [runs] [steps] [threads] [out.json]
+    import json
+    import sys
+    argv = sys.argv[1:]
+    if len(argv) > 2:
+        torch.set_num_threads(int(argv[2]))
+    out = run_efficient(torch.device("cpu"), runs=int(argv[0]) if argv else 4,
+                        steps=int(argv[1]) if len(argv) > 1 else 300)
+    print("| algorithm | step ÷ SGD (median of runs) | range | passes per step |")
+    print("|---|---|---|---|")
+    for row in out["summary"]:
+        print(f"| {row['algo']} | {row['ratio_median']:.2f} | {row['ratio_min']:.2f}–"
+              f"{row['ratio_max']:.2f} | {row['passes_per_step']:.2f} |")
+    if len(argv) > 3:
+        with open(argv[3], "w") as f:
+            json.dump(out, f, indent=1)

@@ -299,6 +299,7 @@ def run(algos=("SAM",), reps=30, warmup=3, quick=False):
                mem_steps=5)  # memory: profiled steps (the first one is not measured)
     if quick:
         cfg.update(width=64, depth=2, n_in=32, batch=8, reps=3, warmup=1, mem_steps=2)
+    load_before = _loadavg()
     unknown = [a for a in algos if a not in ALGO_KWARGS]
     if unknown:
         raise ValueError(f"unknown algorithms {unknown}; choose from {sorted(ALGO_KWARGS)}")
@@ -334,7 +335,7 @@ def run(algos=("SAM",), reps=30, warmup=3, quick=False):
     return {"meta": {"date": datetime.datetime.now().isoformat(timespec="seconds"),
                      "torch": torch.__version__, "cpu_count": os.cpu_count(),
                      "world": WORLD, "threads_per_rank": 1, "model_params": n_params,
-                     "config": cfg, "load_before": _loadavg()},
+                     "config": cfg, "load_before": load_before},
             "rows": rows}
 
 

@@ -23,7 +23,11 @@ HSDP_SHAPE = (2, 2)  # (replicate, shard)
 STEPS = 8
 BATCH = 16  # 8 per rank on 2 ranks, 4 on 4: BatchNorm sees several samples everywhere
 SCALE = 2.0 ** 12  # GradScaler's initial scale: scaling is exact in floating point
-BAD_STEP = 3  # the step whose pass 1 gets an inf on rank 0 only in the GradScaler runs
+# the step whose LAST pass gets an inf on rank 0 only in the GradScaler runs: one in pass 1
+# would reach every rank anyway (through the global perturbation norm and the weights it
+# perturbs), so only the last pass shows whether the skip decision is shared. Step 2: every
+# algorithm runs all its passes there (VaSSORe/VaSSOReMu are still warming up).
+BAD_STEP = 2
 MAX_NORM = 0.05  # below the final-gradient norms of these runs: clipping is active
 LR, MOMENTUM = 0.1, 0.9
 
@@ -274,21 +278,22 @@ def inject_inf_on_rank0(module, rank, armed):
 
 
 def train(module, opt, batches, api, rank=0, scaler=None, bad_step=None, count=False,
-          on_step=None, micro=1):
+          on_step=None, micro=1, bad_pass=0):
     """Train with `api` ('closure' or 'manual'), each pass accumulating `micro` equal
-    micro-batches (loss / micro each); returns per step (collectives, passes, inner pass ran)
-    when `count`."""
+    micro-batches (loss / micro each); in pass `bad_pass` of step `bad_step` rank 0's local
+    gradient gets an inf. Returns per step (collectives, passes, inner pass ran) when
+    `count`."""
     passes = PassCounter(module)
     log = []
     for t, (x, y) in enumerate(batches):
-        state = {"first": True}
+        state = {"pass": 0}
 
         def run_pass():
             for xm, ym in zip(x.chunk(micro), y.chunk(micro)):
                 loss = loss_of(module, xm, ym) / micro
                 (scaler.scale(loss) if scaler is not None else loss).backward()
-            inject_inf_on_rank0(module, rank, t == bad_step and state["first"])
-            state["first"] = False
+            inject_inf_on_rank0(module, rank, t == bad_step and state["pass"] == bad_pass)
+            state["pass"] += 1
 
         inner_before = getattr(opt, "inner_steps", None)
         passes.n = 0

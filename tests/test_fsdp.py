@@ -83,6 +83,8 @@ CASES2 = (
           option="clip", count=True) for a in CLIPPED for w in ("fsdp2", "fsdp1")] +
     [dict(id=_train_id(a, "closure", w, o), kind="train", algo=a, api="closure", wrap=w,
           option=o, count=(o == "amp")) for a, w in AMP for o in ("amp", "skip")] +
+    [dict(id=_train_id("SAM", "closure", "fsdp1", "amp-plain"), kind="train", algo="SAM",
+          api="closure", wrap="fsdp1", option="amp-plain")] +
     [dict(id=_train_id(a, api, w, "accum"), kind="train", algo=a, api=api, wrap=w,
           option="accum") for a in ("SAM", "GSAM") for api, w in (("closure", "fsdp2"),
                                                                   ("manual", "fsdp1"))] +
@@ -137,14 +139,17 @@ def run_case(case, rank, world, groups):
     if kind_of == "train":
         module, kind = _wrapped(case, groups)
         option = case.get("option")
-        scaler = _scaler(kind) if option == "amp" else None
+        scaler = _scaler(kind) if option == "amp" else \
+            torch.amp.GradScaler("cpu", init_scale=H.SCALE, growth_interval=10_000) \
+            if option == "amp-plain" else None
         opt = H.build_optimizer(case["algo"], module, model=case.get("model", True),
                                 grad_scaler=scaler,
                                 max_grad_norm=H.MAX_NORM if option == "clip" else None)
         batches = H.rank_batches(rank, world, skip=H.BAD_STEP if option == "skip" else None)
         log = H.train(module, opt, batches, case["api"], rank, scaler,
-                      bad_step=H.BAD_STEP if option == "amp" else None,
-                      count=case.get("count", False), micro=2 if option == "accum" else 1)
+                      bad_step=H.BAD_STEP if option in ("amp", "amp-plain") else None,
+                      count=case.get("count", False), micro=2 if option == "accum" else 1,
+                      bad_pass=3 if case["algo"] == "GAM" else 1)
         return {"state": H.full_state(module, kind), "log": log,
                 "scale": scaler.get_scale() if scaler is not None else None,
                 "scratch": H.scratch_summary(opt)}
@@ -541,10 +546,10 @@ def test_restore_is_bit_exact(res2, wrap):
 # ----------------------------------------------------------------------------- training loop
 @pytest.mark.parametrize("algo, wrap", AMP)
 def test_grad_scaler_inf_on_rank0_only_skips_everywhere(res2, algo, wrap):
-    """rank 0's local gradient shard gets an inf in pass 1 of BAD_STEP (FSDP2: GradScaler,
-    FSDP1: ShardedGradScaler): every rank skips that step and backs off alike, and the weights
-    are bit for bit those of the run without that batch (BatchNorm statistics are not: pass 1
-    of the skipped step updated them, as in any AMP loop)."""
+    """rank 0's local gradient shard gets an inf in the last pass of BAD_STEP (FSDP2:
+    GradScaler, FSDP1: ShardedGradScaler): every rank skips that step and backs off alike, and
+    the weights are bit for bit those of the run without that batch (BatchNorm statistics are
+    not: pass 1 of the skipped step updated them, as in any AMP loop)."""
     amp = ok(res2, _train_id(algo, "closure", wrap, "amp"))
     skip = ok(res2, _train_id(algo, "closure", wrap, "skip"))
     for r, (a, s) in enumerate(zip(amp, skip)):
@@ -552,6 +557,18 @@ def test_grad_scaler_inf_on_rank0_only_skips_everywhere(res2, algo, wrap):
         for name in H.PARAM_NAMES:
             assert torch.equal(a["state"][name], s["state"][name]), (r, name)
     assert_matches_reference(skip, reference(algo, skip=H.BAD_STEP), f"{algo} skip")
+
+
+def test_plain_grad_scaler_with_fsdp1_skips_everywhere(res2):
+    """FSDP1 with torch.amp.GradScaler (not ShardedGradScaler): the scaler itself does not
+    reduce its inf flag over the ranks (plain tensors), so the optimizer must: rank 0 alone
+    sees the inf (in the last pass), yet both ranks skip and back off."""
+    amp = ok(res2, _train_id("SAM", "closure", "fsdp1", "amp-plain"))
+    skip = ok(res2, _train_id("SAM", "closure", "fsdp1", "skip"))
+    for r, (a, s) in enumerate(zip(amp, skip)):
+        assert a["scale"] == H.SCALE / 2, (r, a["scale"])
+        for name in H.PARAM_NAMES:
+            assert torch.equal(a["state"][name], s["state"][name]), (r, name)
 
 
 @pytest.mark.parametrize("wrap", ["fsdp2", "fsdp1"])
