@@ -211,7 +211,7 @@ _NOT_COLLECTIVES = {"_c10d_functional.wait_tensor.default",
 
 
 class Collectives(TorchDispatchMode):
-    """Records every collective dispatched while active as (op, group size, elements).
+    """Records every collective dispatched while active as (op, group's ranks, elements).
 
     Ops on DTensors return NotImplemented first, so DTensor desugars them and the collectives it
     issues itself (clip_grad_norm_'s reduction, GradScaler's found_inf) come back through here;
@@ -227,22 +227,26 @@ class Collectives(TorchDispatchMode):
         if any(issubclass(t, DTensor) for t in types):
             return NotImplemented
         if "c10d" in func.namespace and str(func) not in _NOT_COLLECTIVES:
-            self.ops.append((str(func), _group_size(args), _numel(args)))
+            self.ops.append((str(func), _group_ranks(args), _numel(args)))
         return func(*args, **(kwargs or {}))
 
 
-def _group_size(args):
+def _group_ranks(args):
+    """The global ranks of the process group a collective runs on (a tuple), or None."""
     for a in args:
+        pg = None
         if isinstance(a, torch.ScriptObject):
             try:
-                return dist.ProcessGroup.unbox(a).size()
+                pg = dist.ProcessGroup.unbox(a)
             except RuntimeError:
                 continue
-        if isinstance(a, str) and a not in ("sum", "avg", "max", "min", "product"):
+        elif isinstance(a, str) and a not in ("sum", "avg", "max", "min", "product"):
             try:
-                return dist.distributed_c10d._resolve_process_group(a).size()
+                pg = dist.distributed_c10d._resolve_process_group(a)
             except (ValueError, RuntimeError, KeyError):
                 continue
+        if pg is not None:
+            return tuple(dist.get_process_group_ranks(pg))
     return None
 
 

@@ -10,6 +10,7 @@ One spawn per world size runs every case (fixtures below); each test then compar
 ranks saved. A case that raised on a rank reports that rank's error and traceback."""
 import collections
 import functools
+import math
 import os
 import re
 
@@ -452,21 +453,30 @@ def test_hsdp_manual_api(res4):
 
 
 # ----------------------------------------------------------------------------- collectives
-def _fsdp_per_pass(results, wrap):
-    """FSDP's own collectives for one forward+backward, as a Counter of (op, group size,
+def _fsdp_per_pass(results, wrap, rank):
+    """FSDP's own collectives for one forward+backward, as a Counter of (op, group's ranks,
     elements): plain SGD, after the lazy first step (HSDP's include the replicate all-reduce)."""
-    logs = ok(results, f"sgd-{wrap}")[0]["log"]
+    logs = ok(results, f"sgd-{wrap}")[rank]["log"]
     per_step = [collections.Counter(ops) for ops in logs[1:]]
     assert all(c == per_step[0] for c in per_step), logs
     return per_step[0]
 
 
-def _check_collectives(results, case_id, algo, wrap, shard_size, extra_per_pass=0, plus=0):
+def _shard_group(rank, world):
+    """The ranks holding the other shards of rank's parameters: all of them, or (HSDP) its row
+    of the (replicate, shard) mesh."""
+    if world == math.prod(H.HSDP_SHAPE):
+        row = rank // H.HSDP_SHAPE[1]
+        return tuple(range(row * H.HSDP_SHAPE[1], (row + 1) * H.HSDP_SHAPE[1]))
+    return tuple(range(world))
+
+
+def _check_collectives(results, case_id, algo, wrap, world, extra_per_pass=0, plus=0):
     """Every step after the first: exactly FSDP's own per pass (+ extra_per_pass) plus the
     algorithm's documented reductions (+ plus), the latter small all-reduces over the shard
     group."""
-    fsdp = _fsdp_per_pass(results, wrap)
     for r, res in enumerate(ok(results, case_id)):
+        fsdp = _fsdp_per_pass(results, wrap, r)
         log = res["log"]
         for t, (ops, passes, inner) in enumerate(log):
             if t == 0 or (algo == "VaSSOReMu" and t == len(log) - 1):
@@ -485,7 +495,7 @@ def _check_collectives(results, case_id, algo, wrap, shard_size, extra_per_pass=
                 assert "all_reduce" in name or "allreduce" in name, ours
                 assert numel is not None and numel <= 3, ours  # small statistics only
             if extra_per_pass == 0:  # the optimizer's reductions: over the shard group
-                assert all(group == shard_size for _, group, _ in ours), ours
+                assert all(group == _shard_group(r, world) for _, group, _ in ours), ours
 
 
 @pytest.mark.parametrize("wrap", list(WRAPS))
@@ -497,7 +507,7 @@ def test_collectives_per_step(res2, algo, api, wrap):
 
 @pytest.mark.parametrize("algo", H.ALGORITHMS)
 def test_hsdp_collectives_reduce_over_the_shard_dimension(res4, algo):
-    _check_collectives(res4, _train_id(algo, "closure", "hsdp"), algo, "hsdp", H.HSDP_SHAPE[1])
+    _check_collectives(res4, _train_id(algo, "closure", "hsdp"), algo, "hsdp", 4)
 
 
 @pytest.mark.parametrize("algo", CLIPPED)

@@ -606,7 +606,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         # fused optimizers compare the flag with 1 exactly
         found = torch.clamp(torch.stack(flags).sum(), max=1.0) if flags else \
             torch.zeros((), device=self._device)  # no gradients at all (on this rank)
-        if self._dist.name != "single":
+        if not self._dist.flags_agree(self.grad_scaler if self._amp_enabled() else None):
             # a pass that ran per rank (DDP), or a shard's own check (FSDP1 with a plain
             # GradScaler): an inf on one rank must skip the step on every rank, and back off
             # every rank's scale alike (update() reads the recorded flags)
@@ -626,7 +626,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         present = [(s, key) for s in self.state.values() for key in self._amp_guarded_state
                    if key in s]
         live = [s[key] for s, key in present]
-        copies = self._scratch("amp_snapshot", live)
+        copies = self._scratch("amp_snapshot", live, live)  # keyed by the state tensors
         if live:
             self._ops().restore_(copies, live)  # copies ← live, one fused pass
         self._amp_snapshot = (present, copies, copy.deepcopy(self._extra_state()))

@@ -10,7 +10,8 @@ The interface (what `optim/base.py` calls):
   pieces; identity when each rank holds whole parameters);
 - `agree_(t)`: statistics every rank must decide on alike (VaSSORe's criteria): the same
   global sums on every rank, bit for bit;
-- `any_(flag)`: a 0-d 0/1 flag (GradScaler's inf/NaN) raised on any rank of the step;
+- `any_(flag)`: a 0-d 0/1 flag (GradScaler's inf/NaN) raised on any rank of the step, when
+  `flags_agree(scaler)` says the ranks' flags may differ;
 - `pass_context(per_rank)`: the context of one forward/backward pass whose gradients stay
   per-rank (DDP `no_sync`), else nothing;
 - `average_grads_(grads, mean)`: per-rank final gradients averaged (or summed) across ranks.
@@ -73,6 +74,11 @@ class Strategy:
     def any_(self, flag: torch.Tensor) -> torch.Tensor:
         return flag
 
+    def flags_agree(self, scaler: Any) -> bool:
+        """Whether a step's skip flags are already the same on every rank: those of `scaler`
+        (None: no GradScaler) and skip_nonfinite's (from global norms)."""
+        return True
+
     def pass_context(self, per_rank: bool):
         return contextlib.nullcontext()
 
@@ -108,6 +114,9 @@ class DDP(Strategy):
         if self._active():
             _dist().all_reduce(flag, op=_dist().ReduceOp.MAX, group=self.group)
         return flag
+
+    def flags_agree(self, scaler: Any) -> bool:
+        return not self._active()  # pass 1 (every pass for GSAM/GAM) ran per rank
 
     def pass_context(self, per_rank: bool):
         return self.module.no_sync() if per_rank and self._active() else \
@@ -149,6 +158,14 @@ class Sharded(Strategy):
         # over every rank (replicas too): they all take the same step
         _dist().all_reduce(flag, op=_dist().ReduceOp.MAX)
         return flag
+
+    def flags_agree(self, scaler: Any) -> bool:
+        # FSDP2: DTensor max-reduces GradScaler's found_inf over the shards itself; FSDP1's
+        # ShardedGradScaler all-reduces it; a plain GradScaler on FSDP1's flat shards does not
+        if scaler is None or self.dtensor:
+            return True
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+        return isinstance(scaler, ShardedGradScaler)
 
     def __repr__(self) -> str:
         return f"Sharded({self.kind})"
