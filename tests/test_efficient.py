@@ -739,3 +739,23 @@ def test_ddp_replicas_agree_and_synchronised_variants_equal_one_process(tmp_path
             single = _mlp_train(name, model, model, _mlp_data())
             for a, b in zip(ranks[0][name], single):
                 torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", DDP_RUNS)
+def test_accumulated_micro_batches_equal_one_batch(name):
+    """Three micro-batches accumulated in every pass (losses / 3) give the whole batch's
+    mean gradient: the same training as one batch (no BatchNorm in this model)."""
+    finals = []
+    for k in (1, 3):
+        model = _mlp()
+        opt = _mlp_opt(name, model.parameters(), model)
+        for x, y in _mlp_data():
+            def closure():
+                opt.zero_grad()
+                for xs, ys in zip(x.chunk(k), y.chunk(k)):
+                    (torch.nn.functional.cross_entropy(model(xs), ys) / k).backward()
+            opt.step(closure)
+        finals.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*finals):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+    assert not torch.equal(finals[0][0], _mlp()[0].weight)  # it trained

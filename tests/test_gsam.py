@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sam_kernels import GSAM, SAM
-from sam_kernels.optim.base import all_reduce_grads_
+from sam_kernels.optim.distributed import all_reduce_grads_
 from sam_kernels.schedulers import LinearScheduler
 
 STEPS = 20

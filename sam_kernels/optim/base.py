@@ -18,9 +18,9 @@ The contract a step follows, whatever the algorithm (see SAM for the pattern):
 """
 import contextlib
 import copy
+import functools
 import math
 import numbers
-import warnings
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass
@@ -31,7 +31,7 @@ import torch
 from .. import bn
 from ..ops import _registry
 from . import distributed
-from .distributed import all_reduce_grads_, find_ddp  # noqa: F401  (re-exported)
+from .seed_compat import adapt_closure, check_keywords, convert_seed_state_dict
 
 Tensors = List[torch.Tensor]
 
@@ -134,6 +134,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     #: returned losses (a device tensor, no host read; GSAM's surrogate gap), else None
     last_surrogate_gap = StepVar()
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "step" in cls.__dict__:
+            cls.step = _dcp_tolerant(cls.__dict__["step"])
+
     def __init__(self, params: Iterable, base_optimizer: Any, defaults: Dict[str, Any], *,
                  backend: str = "auto", model: Optional[torch.nn.Module] = None,
                  base_kwargs: Optional[Dict[str, Any]] = None,
@@ -147,6 +152,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         skip_nonfinite = base_kwargs.pop("skip_nonfinite", skip_nonfinite)
         if not isinstance(skip_nonfinite, bool):
             raise TypeError(f"skip_nonfinite must be True or False, got {skip_nonfinite!r}")
+        # an unknown keyword names itself and what each object takes
+        check_keywords(type(self), base_optimizer, base_kwargs)
         if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
             raise TypeError(f"grad_scaler must be a torch.amp.GradScaler (or None), got "
                             f"{grad_scaler!r}")
@@ -168,7 +175,6 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                             f"instance, got {base_optimizer!r}")
         self.base_optimizer = base_optimizer
         self.param_groups = base_optimizer.param_groups  # one list of shared group dicts
-        self.state = _OwnState(dict)
         for group in self.param_groups:
             _dedupe(group)
         self.defaults.update(base_optimizer.defaults)
@@ -414,7 +420,9 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     def _require_closure(self, closure: Optional[Callable], cls_name: str) -> Callable:
         """`closure` wrapped so that every call runs as one pass of this step: with gradients
         enabled, under DDP's `no_sync` where the algorithm keeps per-rank gradients, and with
-        the step undone (weights restored) if it raises."""
+        the step undone (weights restored) if it raises. lk-eg's two-argument closure is
+        accepted; other closures that need arguments raise with the fix."""
+        closure = adapt_closure(closure, cls_name)
         if closure is None:
             raise RuntimeError(
                 f"{cls_name}.step() needs a closure that zeroes the gradients, runs the forward "
@@ -658,14 +666,16 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Ours (see state_dict), a base optimizer's (our group keys filled in), or a seed's
+        checkpoint of this algorithm family (converted, with a warning; see seed_compat)."""
         _refuse_dcp("set_optimizer_state_dict")
         self._require_unperturbed("load_state_dict()")
-        state_dict = dict(state_dict)
+        state_dict = dict(convert_seed_state_dict(self, state_dict, self._from_seed))
         own = state_dict.pop("sam", {"state": {}, "extra": {}})
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups  # torch builds new group dicts
         params = _all_params(self.param_groups)
-        self.state = _OwnState(dict)
+        self.state = defaultdict(dict)
         for i, s in own["state"].items():
             p = params[int(i)]
             self.state[p] = {k: (v.to(device=p.device, copy=True) if torch.is_tensor(v) else v)
@@ -674,6 +684,13 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     def _extra_state(self) -> Dict[str, Any]:
         """Non-tensor-per-parameter state (step counters, schedulers); for subclasses."""
+        return {}
+
+    #: 'sam', 'gsam', 'gam' or 'vasso': which seeds' checkpoints load_state_dict converts
+    _seed_family: Optional[str] = None
+
+    def _from_seed(self, index: int, seed_state: Dict[str, Any]) -> Dict[str, Tuple[str, Any]]:
+        """Our per-parameter persistent state from a seed's: {our key: (seed key, tensor)}."""
         return {}
 
     def _load_extra_state(self, extra: Dict[str, Any]) -> None:
@@ -736,17 +753,20 @@ class _ScalerPass:
         return self._owner.param_groups
 
 
-class _OwnState(defaultdict):
-    """`optimizer.state`: the algorithm's own per-parameter state (the base optimizer keeps
-    its own). It reads as non-empty to DCP's `_init_optim_state`, which would otherwise call
-    `step()` without a closure after zeroing every learning rate, and leave them at 0 when our
-    step refuses; `state_dict()` then raises with what to use instead."""
-
-    def __bool__(self) -> bool:
-        if len(self):
-            return True
-        from ..checkpoint import called_from_dcp
-        return called_from_dcp() == "_init_optim_state"
+def _dcp_tolerant(step: Callable) -> Callable:
+    """`step` of every algorithm class, made harmless for DCP's `_init_optim_state`: that calls
+    `step()` without a closure after zeroing every gradient and learning rate, to create a
+    torch optimizer's lazy state, and would leave the learning rates at 0 if our step raised.
+    Only the base optimizer steps then (creating its state, changing nothing); DCP's next call,
+    `state_dict()`, refuses with what to use instead."""
+    @functools.wraps(step)
+    def guarded(self, closure=None, *args, **kwargs):
+        if closure is None and not args and not kwargs:
+            from ..checkpoint import called_from_dcp
+            if called_from_dcp() == "_init_optim_state":
+                return self.base_optimizer.step()
+        return step(self, closure, *args, **kwargs)
+    return guarded
 
 
 def _refuse_dcp(function: str) -> None:

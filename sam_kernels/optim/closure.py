@@ -4,7 +4,6 @@ from typing import Any, Callable, Optional, Tuple
 
 import torch
 
-from .seed_compat import adapt_closure
 
 
 class ClosureMixin:
@@ -39,7 +38,6 @@ class ClosureMixin:
         self._forward_backward = forward_backward
 
     def _closure_for_step(self, closure: Optional[Callable[..., Any]]) -> Callable[[], Any]:
-        closure = adapt_closure(closure, type(self).__name__)  # lk-eg's two-argument closure
         if closure is None:
             closure = getattr(self, "_forward_backward", None)
             if closure is None:

@@ -197,7 +197,7 @@ def find_fsdp(model: Optional[torch.nn.Module]):
 def _mesh_shard_group(params: Sequence[torch.Tensor]):
     """The process group over the mesh dimensions the DTensor parameters are sharded on (a
     2-D HSDP mesh: the shard dimension only), checked to be one and the same for all."""
-    from torch.distributed.tensor import Partial, Replicate, Shard
+    from torch.distributed.tensor import Replicate, Shard
     layouts = set()
     for p in params:
         dims = []

@@ -9,7 +9,7 @@ import torch
 from .base import (SharpnessAwareOptimizer, StepVar, Tensors, check_nonnegative,
                    check_positive)
 from .closure import ClosureMixin
-from .seed_compat import SeedCompat, check_keywords, check_step_arguments
+from .seed_compat import check_step_arguments
 from .gsam import check_grad_reduce, scheduled_value
 
 #: hyper-parameters read from the seed's `args` namespace when not given as keywords
@@ -24,7 +24,7 @@ def check_finite(name: str, value: Any) -> None:
         raise ValueError(f"Invalid {name} value: {value!r} (must be a finite number)")
 
 
-class GAM(ClosureMixin, SeedCompat, SharpnessAwareOptimizer):
+class GAM(ClosureMixin, SharpnessAwareOptimizer):
     r"""GAM around any base optimizer: first-order flatness through four gradient evaluations.
 
     With T = |w| + eta in adaptive groups (the seed has eta = 0), else 1, norms over every
@@ -77,7 +77,6 @@ class GAM(ClosureMixin, SeedCompat, SharpnessAwareOptimizer):
                  args: Any = None, grad_reduce: str = "mean", backend: str = "auto",
                  grad_scaler: Optional[torch.amp.GradScaler] = None,
                  max_grad_norm: Optional[float] = None, **base_kwargs: Any) -> None:
-        check_keywords(type(self), base_optimizer, base_kwargs)
         given = dict(grad_rho=grad_rho, grad_norm_rho=grad_norm_rho, grad_beta_1=grad_beta_1,
                      grad_beta_2=grad_beta_2, grad_beta_3=grad_beta_3, grad_gamma=grad_gamma)
         hyper = {}

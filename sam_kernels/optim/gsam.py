@@ -8,7 +8,7 @@ import torch
 from .base import (SharpnessAwareOptimizer, StepVar, Tensors, check_nonnegative,
                    check_positive)
 from .closure import ClosureMixin
-from .seed_compat import SeedCompat, check_keywords, check_step_arguments
+from .seed_compat import check_step_arguments
 
 _GRAD_REDUCE = ("mean", "sum")
 _NO_ALPHA = object()
@@ -28,7 +28,7 @@ def scheduled_value(name: str, value: Any) -> float:
     return value
 
 
-class GSAM(ClosureMixin, SeedCompat, SharpnessAwareOptimizer):
+class GSAM(ClosureMixin, SharpnessAwareOptimizer):
     r"""GSAM: the SAM gradient at the perturbed point minus ``alpha`` times the component of
     the gradient at w orthogonal to it.
 
@@ -88,7 +88,6 @@ class GSAM(ClosureMixin, SeedCompat, SharpnessAwareOptimizer):
                  *, rho: float = 0.05, eta: float = 0.0, grad_reduce: str = "mean",
                  backend: str = "auto", grad_scaler: Optional[torch.amp.GradScaler] = None,
                  max_grad_norm: Optional[float] = None, **base_kwargs: Any) -> None:
-        check_keywords(type(self), base_optimizer, base_kwargs)
         if gsam_alpha is _NO_ALPHA:
             raise TypeError("GSAM needs gsam_alpha, the weight of the orthogonal gradient "
                             "component (>= 0; 0 gives SAM), e.g. GSAM(..., gsam_alpha=0.1)")

@@ -153,12 +153,14 @@ class LookSAM(PeriodicTwoPass, ClosureMixin, SharpnessAwareOptimizer):
     def _keep_gv(self, slots: List[GradSlots]) -> None:
         params, g_s, g = self._both(slots)
         self._kept = []
-        had = {}  # g_v of this step only (a parameter may have none now); buffers reused
-        for p in list(self.state):
+        had, had_norm = {}, {}  # g_v of this step only (a parameter may have none now);
+        for p in list(self.state):  # buffers reused: stable objects for the AMP snapshot
             buf = self.state[p].pop(_GV, None)
-            self.state[p].pop(_GV_NORM, None)
+            norm = self.state[p].pop(_GV_NORM, None)
             if buf is not None:
                 had[p] = buf
+            if norm is not None:
+                had_norm[p] = norm
         if not params:
             self._gv_sum_sq = self._gv_den_sq = None
             return
@@ -179,7 +181,7 @@ class LookSAM(PeriodicTwoPass, ClosureMixin, SharpnessAwareOptimizer):
             coef = cos * n_s / (n_g + self.eps)
             torch._foreach_mul_(g, list(coef.to(g[0].dtype).unbind()))
             torch._foreach_sub_(g, g_s)  # c_i·g_i − g_s,i = −g_v,i
-            norms = self._per_tensor_sq([g])[0].sqrt().unbind()
+            norms = list(self._per_tensor_sq([g])[0].sqrt().unbind())
         for i, p in enumerate(params):
             st = self.state[p]
             old = had.get(p)
@@ -187,8 +189,12 @@ class LookSAM(PeriodicTwoPass, ClosureMixin, SharpnessAwareOptimizer):
                 old.stride() == g[i].stride()
             st[_GV] = old if ok else torch.empty_like(g[i], memory_format=torch.preserve_format)
             if self.granularity == "tensor":
-                st[_GV_NORM] = norms[i]
+                old = had_norm.get(p)
+                st[_GV_NORM] = old if old is not None and old.dtype == norms[i].dtype else \
+                    torch.empty_like(norms[i])
         torch._foreach_copy_([self.state[p][_GV] for p in params], g)
+        if self.granularity == "tensor":
+            torch._foreach_copy_([self.state[p][_GV_NORM] for p in params], norms)
 
     def _reuse(self, slots: List[GradSlots]) -> None:
         params = [p for s in slots for p in s.params]

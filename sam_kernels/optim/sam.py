@@ -6,8 +6,7 @@ from typing import Any, Callable, Iterable, List, Optional
 import torch
 
 from .base import GradSlots, SharpnessAwareOptimizer, StepVar, check_nonnegative, check_positive
-from .seed_compat import (ReadOnlyAlias, SeedCompat, adapt_closure, check_keywords,
-                          check_step_arguments)
+from .seed_compat import ReadOnlyAlias, check_step_arguments
 
 
 def check_int(name: str, value: Any, minimum: int) -> None:
@@ -92,7 +91,7 @@ class PeriodicTwoPass:
         return at_w
 
 
-class SAM(PeriodicTwoPass, SeedCompat, SharpnessAwareOptimizer):
+class SAM(PeriodicTwoPass, SharpnessAwareOptimizer):
     r"""Sharpness-aware minimization around any base optimizer; ASAM with ``adaptive=True``.
 
     Over every parameter with a gradient, across all groups,
@@ -158,7 +157,6 @@ class SAM(PeriodicTwoPass, SeedCompat, SharpnessAwareOptimizer):
                  grad_scaler: Optional[torch.amp.GradScaler] = None,
                  max_grad_norm: Optional[float] = None, interval: int = 1,
                  **base_kwargs: Any) -> None:
-        check_keywords(type(self), base_optimizer, base_kwargs)
         check_nonnegative("rho", rho)
         check_nonnegative("eta", eta)
         check_positive("eps", eps)
@@ -220,7 +218,7 @@ class SAM(PeriodicTwoPass, SeedCompat, SharpnessAwareOptimizer):
         (``epoch=``, ``step=``, ``batch_idx=``, ``model=``, ...) are ignored."""
         check_step_arguments(self, args, seed_kwargs)
         name = type(self).__name__
-        closure = self._require_closure(adapt_closure(closure, name), name)
+        closure = self._require_closure(closure, name)
         return self._run_step(closure)
 
     def _extra_state(self):

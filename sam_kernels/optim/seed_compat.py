@@ -297,21 +297,3 @@ class ReadOnlyAlias:
         raise AttributeError(f"{type(obj).__name__}.{self.name} is a read-only alias of "
                              f"{self.target} (the seed's name for it); the optimizer counts "
                              "its steps itself")
-
-
-class SeedCompat:
-    """Mixin (before SharpnessAwareOptimizer): load_state_dict() also takes the seeds'
-    checkpoints of the class's algorithm family (`_seed_family`), converted by
-    convert_seed_state_dict, and base optimizers' (their param groups get our keys)."""
-
-    #: 'sam', 'gsam', 'gam' or 'vasso': which seeds' checkpoints this class converts
-    _seed_family: Optional[str] = None
-
-    def _from_seed(self, index: int, seed_state: Dict[str, Any]
-                   ) -> Dict[str, Tuple[str, Any]]:
-        """Our per-parameter persistent state from a seed's: {our key: (seed key, tensor)}."""
-        return {}
-
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        self._require_unperturbed("load_state_dict()")
-        super().load_state_dict(convert_seed_state_dict(self, state_dict, self._from_seed))

@@ -17,8 +17,8 @@ import torch
 from .base import (GradSlots, SharpnessAwareOptimizer, StepVar, Tensors, _all_params,
                    check_nonnegative, check_positive)
 from .closure import ClosureMixin
-from .seed_compat import (ReadOnlyAlias, SeedCompat, check_keywords, check_state_shape,
-                          check_step_arguments, from_seed_args)
+from .seed_compat import (ReadOnlyAlias, check_state_shape, check_step_arguments,
+                          from_seed_args)
 
 CRITERIA = ("naive", "random", "gSAMflat", "gSAMsharp", "gSAMratio", "cosSim")
 #: seed of the private generator the `random` criterion uses when none is given; the same on
@@ -267,7 +267,7 @@ def make_criterion(criterion: str, *, k: int = 2, p: float = 0.5, lam: float = 0
 Plan = Tuple[List[Tuple[Dict[str, Any], Tensors]], torch.Tensor]
 
 
-class VaSSO(ClosureMixin, SeedCompat, SharpnessAwareOptimizer):
+class VaSSO(ClosureMixin, SharpnessAwareOptimizer):
     r"""Variance-suppressed sharpness-aware optimization around any base optimizer.
 
     Per step: pass 1 at w gives g; ``d ← (1−θ)·d + θ·g`` (``d = g`` on a parameter's first
@@ -335,7 +335,6 @@ class VaSSO(ClosureMixin, SeedCompat, SharpnessAwareOptimizer):
         # their `logger=` is accepted and not used
         rho = from_seed_args("rho", rho, 0.05, args, "rho")
         theta = from_seed_args("theta", theta, 0.9, args, "theta")
-        check_keywords(type(self), base_optimizer, base_kwargs)
         check_nonnegative("rho", rho)
         check_unit_interval("theta", theta)
         check_nonnegative("eta", eta)
