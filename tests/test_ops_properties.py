@@ -12,17 +12,18 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from sam_kernels import ops
-from test_ops import CPU_CHUNK, TOL, assert_bitwise_equal, assert_close_list
+from test_ops import CPU_CHUNK, TOL, assert_bitwise_equal
+from test_ops import assert_close_list as _assert_close_list
 
 BACKENDS = ops.available_backends("cpu")
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 TRITON_BLOCK = 4096  # sam_kernels.ops.triton_kernels.utils.DEFAULT_BLOCK
 #: Examples per (primitive, backend): the whole file stays under ~90 s on 2 busy cores.
-EXAMPLES = {"reference": 30, "cpu": 30, "triton": 8}
+EXAMPLES = {"reference": 150, "cpu": 150, "triton": 30}
 MAX_LEN = {"reference": 50, "cpu": 50, "triton": 6}
 OPS = ("sum_sq", "dot_sum_sq", "perturb_", "restore_", "orth_combine_", "lerp_sum_sq_",
        "axpby_")
@@ -110,22 +111,32 @@ def examples(draw, op, backend):
         lists.append([gen.read(t, draw(st.sampled_from(layouts))) for t in first])
     if op == "restore_":  # params are overwritten: start them as NaN
         lists[0] = [t.fill_(float("nan")) if t.numel() else t for t in first]
+    # scalars away from fp32's subnormals (a·x would underflow in the fp32 element maths while
+    # the float64 oracle keeps it: a rounding fact, not a kernel error)
+    real = lambda lo, hi: st.floats(lo, hi).filter(lambda v: v == 0 or abs(v) > 1e-3)  # noqa
     scalars = {
         "eta": draw(st.sampled_from((0.0, 0.05))),
-        "rho": draw(st.floats(0.01, 2.0)), "eps": draw(st.sampled_from((1e-12, 0.25))),
+        "rho": draw(real(0.01, 2.0)), "eps": draw(st.sampled_from((1e-12, 0.25))),
         "adaptive": draw(st.booleans()),
         "sum_sq": torch.tensor(draw(st.floats(0.0, 50.0)),
                                dtype=draw(st.sampled_from((torch.float32, torch.float64)))
                                ).reshape(draw(st.sampled_from(((), (1,))))),
-        "stats": torch.tensor([draw(st.floats(-3.0, 3.0)), draw(st.floats(0.5, 9.0)),
-                               draw(st.floats(0.5, 9.0))],
+        "stats": torch.tensor([draw(real(-3.0, 3.0)), draw(real(0.5, 9.0)),
+                               draw(real(0.5, 9.0))],
                               dtype=draw(st.sampled_from((torch.float32, torch.float64)))),
-        "gamma": draw(st.floats(-1.0, 1.0)), "theta": draw(st.floats(0.0, 1.0)),
-        "a": draw(st.floats(-2.0, 2.0)), "b": draw(st.sampled_from((0.0, 1.0, -0.75))),
+        "gamma": draw(real(-1.0, 1.0)), "theta": draw(real(0.0, 1.0)),
+        "a": draw(real(-2.0, 2.0)), "b": draw(st.sampled_from((0.0, 1.0, -0.75))),
     }
     if op == "axpby_" and scalars["b"] == 0.0:  # ys is not read: poison it
         lists[0] = [t.fill_(float("nan")) if t.numel() else t for t in first]
-    fault = draw(st.sampled_from((None,) * 5 + FAULTS))
+    with_elems = [i for i, t in enumerate(first) if t.numel() > 0]
+    if op in WRITES and with_elems and draw(st.booleans()) and \
+            not (op == "restore_" or op == "axpby_" and scalars["b"] == 0.0):
+        # allowed aliasing: the written tensor itself at its own position of the read list
+        # (not where the written list starts as NaN: the oracle would be NaN)
+        i = draw(st.sampled_from(with_elems))
+        lists[1][i] = first[i]
+    fault = draw(st.sampled_from((None,) * 4 + ("alias",) * 3 + FAULTS))
     fault = _inject(draw, gen, op, lists, scalars, fault)
     return lists, scalars, fault
 
@@ -251,6 +262,19 @@ def _sum_check(got, terms_by_tensor, dtypes, what):
         f"{what}: got {float(got)!r}, expected {float(want)!r} ± {float(tol):.3g}"
 
 
+def assert_close_list(actual, expected, mags, what):
+    """test_ops.assert_close_list, where a float64 result beyond the stored dtype's range must be
+    stored as the infinity of its sign (a zero sum_sq with eps 1e-12 scales by 1e12)."""
+    expected, mags = [e.clone() for e in expected], [m.clone() for m in mags]
+    for i, (a, e, m) in enumerate(zip(actual, expected, mags)):
+        big = e.abs() > torch.finfo(a.dtype).max
+        if bool(big.any()):
+            got = a.detach().double()[big]
+            assert bool((got == e[big].sign() * math.inf).all()), f"{what}[{i}]: overflow"
+            e[big], m[big] = 0.0, math.inf
+    _assert_close_list(actual, expected, mags, what)
+
+
 def _check_result(op, lists, before, s, out):
     """`before`: float64 copies of every list before the call."""
     dtypes = [t.dtype for t in lists[0]]
@@ -307,16 +331,23 @@ def _check_result(op, lists, before, s, out):
 
 def _run_example(op, backend, example):
     lists, scalars, fault = example
+    n = len(lists[0])
+    event(f"fault: {fault}")
+    event(f"list length: {'0' if n == 0 else '1-5' if n <= 5 else '6-20' if n <= 20 else '21-50'}")
+    event(f"elements: {sum(t.numel() for t in lists[0] if isinstance(t, torch.Tensor))}"
+          .replace("elements: 0", "elements: none"))
     memory = _memory(lists, scalars)
     if fault is None:
         before = [_f64(xs) for xs in lists]
         out = _call(op, lists, scalars, backend)
         _check_result(op, lists, before, scalars, out)
+        written = {t.data_ptr() for t in lists[0] if t.numel()}
         for k, xs in enumerate(lists):  # the lists the op only reads are unchanged
             if k == 0 or (op == "perturb_" and k == 2):
                 continue
             for t, (base, saved) in zip(xs, memory[sum(len(x) for x in lists[:k]):]):
-                assert torch.equal(_bytes(base), saved), f"{op} wrote read list {k}"
+                if t.data_ptr() not in written:  # (the allowed same-position alias)
+                    assert torch.equal(_bytes(base), saved), f"{op} wrote read list {k}"
         return
     with pytest.raises((ValueError, TypeError)) as info:
         _call(op, lists, scalars, backend)

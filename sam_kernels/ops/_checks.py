@@ -136,7 +136,7 @@ def check_scalar_tensor(op: str, name: str, t: torch.Tensor, numel: int, device_
                          f"{list(t.shape)}")
     if t.layout != torch.strided or t.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"{op}: {name} must be a dense float32 or float64 tensor, got "
-                         f"{t.dtype}" + ("" if t.layout == torch.strided else f" ({t.layout})"))
+                         f"{t.dtype}" + ("" if t.layout == torch.strided else " (sparse)"))
     if t.device.type != device_type:
         raise ValueError(f"{op}: {name} is on {t.device} but the tensors are on {device_type}")
     if not t.is_contiguous():
@@ -216,8 +216,9 @@ def check_no_overlap(op: str, lists: Sequence[Tuple[str, Sequence[torch.Tensor]]
 def overlaps_any(lists: Sequence[Sequence[torch.Tensor]], t: torch.Tensor) -> bool:
     """Whether `t` shares bytes with a tensor of `lists` (a cheap per-call look for backends
     whose full checks are cached; they then run the full checks to report it)."""
-    if t.numel() == 0 or not _real(t) or t.layout != torch.strided:
-        return False
+    if torch.compiler.is_compiling() or t.numel() == 0 or not _real(t) or \
+            t.layout != torch.strided:
+        return False  # (traced: addresses are the runtime's, the op's own checks see them)
     lo, hi = _span(t)
     for xs in lists:
         for x in xs:

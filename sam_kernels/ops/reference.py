@@ -8,9 +8,11 @@ once when stored), in fp64 for fp64; every term of a reduction squared (or multi
 summed in fp64, and the result is float64. Results agree with the compiled backends to
 rounding, not bitwise (the summation order differs).
 
-Reductions are thread-count independent: each tensor is cut, in memory order, into rows of
-`ROW` elements (fewer than torch's parallel grain, so each row is summed by one thread in a fixed
-order) and the row sums are added in a fixed order; the result depends only on the shapes.
+Reductions are thread-count independent: tensors below torch's parallel grain are reduced by
+one foreach norm (torch sums each on one thread), larger CPU tensors are cut, in memory order,
+into rows of `ROW` elements, each summed by one thread, and all partial sums are added in a
+fixed order; the result depends only on the shapes. The op count stays constant in the number
+of small tensors (large CPU tensors add a few ops each).
 """
 from collections import defaultdict
 from typing import Dict, List, Sequence
@@ -23,8 +25,10 @@ Tensors = Sequence[torch.Tensor]
 
 _HALF = (torch.float16, torch.bfloat16)
 _F64 = torch.float64
-#: Elements per row of a fixed-order sum: below at::internal::GRAIN_SIZE (32768), so torch sums
-#: one row on one thread; a reduction over many rows is split across threads by rows only.
+#: at::internal::GRAIN_SIZE: torch reduces a CPU tensor with fewer elements on one thread.
+PARALLEL_MIN = 32768
+#: Elements per row of a fixed-order sum: below PARALLEL_MIN, so torch sums one row on one
+#: thread; a reduction over many rows is split across threads by rows only.
 ROW = 16384
 
 
@@ -94,8 +98,35 @@ def _sq_terms(t: torch.Tensor) -> torch.Tensor:
     return x * x
 
 
+def _one_thread(t: torch.Tensor) -> bool:
+    """Whether torch reduces `t` in a fixed order whatever the thread count: on CPU, tensors
+    below its parallel grain are summed by one thread; CUDA reductions have a fixed order."""
+    return t.device.type != "cpu" or t.numel() < PARALLEL_MIN
+
+
 def _sum_of_squares(xs: Sequence[torch.Tensor], out: torch.Tensor) -> None:
-    _fixed_sum([_row_sums(_sq_terms(t)) for t in xs if t.numel()], out)
+    """out += Σ x² in fp64: one foreach norm (fp64) over the tensors torch sums in a fixed
+    order, fixed rows for the large CPU ones (a constant number of ops for small tensors)."""
+    small = [t for t in xs if t.numel() and _one_thread(t)]
+    parts = [torch.stack(torch._foreach_norm(small, 2, dtype=_F64)).square()] if small else []
+    parts += [_row_sums(_sq_terms(t)) for t in xs if t.numel() and not _one_thread(t)]
+    _fixed_sum(parts, out)
+
+
+def _dot(a: List[torch.Tensor], b: List[torch.Tensor]) -> torch.Tensor:
+    """[Σ a·b] of one dtype group of tensors torch sums in a fixed order, as a 1-element fp64
+    tensor. The products are formed in the element maths type after dividing each tensor by its
+    largest |value| (so they cannot overflow fp32), and scaled back in fp64."""
+    ma = torch._foreach_norm(a, float("inf"))
+    mb = torch._foreach_norm(b, float("inf"))
+    tiny = torch.finfo(a[0].dtype).tiny
+    torch._foreach_clamp_min_(ma, tiny)
+    torch._foreach_clamp_min_(mb, tiny)
+    prods = torch._foreach_mul(torch._foreach_div(_upcast(a), ma), torch._foreach_div(_upcast(b), mb))
+    # Signed sum with foreach ops only: sum(ab) = |max(ab, 0)|_1 - |min(ab, 0)|_1.
+    pos = torch.stack(torch._foreach_norm(torch._foreach_clamp_min(prods, 0.0), 1, dtype=_F64))
+    neg = torch.stack(torch._foreach_norm(torch._foreach_clamp_max(prods, 0.0), 1, dtype=_F64))
+    return (pos - neg) * torch.stack(ma).to(_F64) * torch.stack(mb).to(_F64)
 
 
 # ---------------------------------------------------------------------------- primitives
@@ -121,15 +152,17 @@ def dot_sum_sq(a: Tensors, b: Tensors) -> torch.Tensor:
     b = _checks.aligned(a, b)
     _checks.check_dot_sum_sq(a, b)
     out = torch.zeros(3, dtype=_F64, device=a[0].device if a else None)
-    dots, a_sq, b_sq = [], [], []
+    dots = []
+    for idx in _by_dtype(a).values():
+        small = [i for i in idx if a[i].numel() and _one_thread(a[i])]
+        if small:
+            dots.append(_dot([a[i] for i in small], [b[i] for i in small]))
     for x, y in zip(a, b):
-        if x.numel():
-            xf, yf = _flat(x).to(_F64), _flat(y).to(_F64)
-            dots.append(_row_sums(xf * yf))
-            a_sq.append(_row_sums(xf * xf))
-            b_sq.append(_row_sums(yf * yf))
-    for k, parts in enumerate((dots, a_sq, b_sq)):
-        _fixed_sum(parts, out[k])
+        if x.numel() and not _one_thread(x):
+            dots.append(_row_sums(_flat(x).to(_F64) * _flat(y).to(_F64)))
+    _fixed_sum(dots, out[0])
+    _sum_of_squares(a, out[1])
+    _sum_of_squares(b, out[2])
     return out
 
 

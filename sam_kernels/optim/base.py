@@ -757,14 +757,15 @@ def _dcp_tolerant(step: Callable) -> Callable:
     """`step` of every algorithm class, made harmless for DCP's `_init_optim_state`: that calls
     `step()` without a closure after zeroing every gradient and learning rate, to create a
     torch optimizer's lazy state, and would leave the learning rates at 0 if our step raised.
-    Only the base optimizer steps then (creating its state, changing nothing); DCP's next call,
-    `state_dict()`, refuses with what to use instead."""
+    Then only a base optimizer without state yet steps (creating it, as DCP intends; one that
+    has state is left alone: its momentum would decay); DCP's next call, `state_dict()`,
+    refuses with what to use instead."""
     @functools.wraps(step)
     def guarded(self, closure=None, *args, **kwargs):
         if closure is None and not args and not kwargs:
             from ..checkpoint import called_from_dcp
             if called_from_dcp() == "_init_optim_state":
-                return self.base_optimizer.step()
+                return None if self.base_optimizer.state else self.base_optimizer.step()
         return step(self, closure, *args, **kwargs)
     return guarded
 

@@ -14,6 +14,11 @@
 
 namespace sam_kernels {
 
+// A dtype as Python prints it ("torch.float32"), so every backend's messages are the same.
+inline std::string dtype_name(at::ScalarType t) {
+  return "torch." + std::string(c10::getDtypeNames(t).first);
+}
+
 // The dtypes every primitive accepts: listed, so a new floating type (float8 variants, ...)
 // is refused until a kernel exists for it.
 inline bool supported_dtype(at::ScalarType t) {
@@ -30,10 +35,11 @@ inline void check_tensor_list(const char* op, const char* name, at::TensorList x
     TORCH_CHECK_VALUE(t.layout() == at::kStrided, op, ": ", name, "[", i,
                       "] is not a dense (strided) tensor; sparse tensors are not supported");
     TORCH_CHECK_VALUE(t.device().type() == device_type, op, ": ", name, "[", i, "] is on ",
-                      t.device(), " but this kernel runs on ", c10::DeviceTypeName(device_type),
+                      t.device(), " but this kernel runs on ",
+                      c10::DeviceTypeName(device_type, /*lower_case=*/true),
                       " tensors; keep every tensor of a call on one device");
     TORCH_CHECK_VALUE(supported_dtype(t.scalar_type()), op, ": ", name, "[", i, "] has dtype ",
-                      t.scalar_type(),
+                      dtype_name(t.scalar_type()),
                       "; supported dtypes are float32, float64, float16 and bfloat16");
     TORCH_CHECK_VALUE(t.is_non_overlapping_and_dense(), op, ": ", name, "[", i,
                       "] is not dense in memory (a view with gaps or overlaps); pass "
@@ -58,8 +64,9 @@ inline void check_paired_lists(const char* op, const char* a_name, at::TensorLis
                     b_name, " has ", b.size());
   for (size_t i = 0; i < a.size(); ++i) {
     TORCH_CHECK_VALUE(a[i].scalar_type() == b[i].scalar_type(), op, ": ", a_name, "[", i,
-                      "] and ", b_name, "[", i, "] differ in dtype (", a[i].scalar_type(),
-                      " vs ", b[i].scalar_type(), ")");
+                      "] and ", b_name, "[", i, "] differ in dtype (",
+                      dtype_name(a[i].scalar_type()), " vs ", dtype_name(b[i].scalar_type()),
+                      ")");
     TORCH_CHECK_VALUE(a[i].sizes() == b[i].sizes(), op, ": ", a_name, "[", i, "] and ", b_name,
                       "[", i, "] differ in shape (", a[i].sizes(), " vs ", b[i].sizes(), ")");
     TORCH_CHECK_VALUE(a[i].numel() <= 1 || same_memory_order(a[i], b[i]), op, ": ", a_name,
@@ -82,9 +89,10 @@ inline void check_scalar_tensor(const char* op, const char* name, const at::Tens
   TORCH_CHECK_VALUE(t.layout() == at::kStrided &&
                         (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
                     op, ": ", name, " must be a dense float32 or float64 tensor, got ",
-                    t.scalar_type(), t.layout() == at::kStrided ? "" : " (sparse)");
+                    dtype_name(t.scalar_type()), t.layout() == at::kStrided ? "" : " (sparse)");
   TORCH_CHECK_VALUE(t.device().type() == device_type, op, ": ", name, " is on ", t.device(),
-                    " but the tensors are on ", c10::DeviceTypeName(device_type));
+                    " but the tensors are on ",
+                    c10::DeviceTypeName(device_type, /*lower_case=*/true));
   TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous; pass ", name,
                     ".contiguous()");
 }
