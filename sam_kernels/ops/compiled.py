@@ -15,65 +15,86 @@ def _ops():
     return torch.ops.sam_kernels
 
 
-# Before the dispatcher sees the arguments: types (it would raise a RuntimeError that names no
-# argument), and lists the op only reads re-laid out where their memory order differs from the
-# first list's (see _checks.aligned). A call whose lists are all empty holds no tensor for the
-# dispatcher to pick a kernel from: the reference backend validates it the same way and returns
-# the (zero) result. Writes to tensors that require grad are refused here as on every backend
-# (the C++ Autograd kernel refuses leaves too, for direct torch.ops calls); the version counters
-# and every value check are the C++ ops' (csrc/register.cpp, list_checks.h).
+# The C++ ops check every argument before they write (csrc/include/sam_kernels/list_checks.h),
+# so the common case costs no Python walk over the lists; only a call they refuse is looked at
+# again here, with nothing written yet:
+# - a list the op only reads whose memory order differs from its partner's (a valid gradient
+#   autograd produced, see _checks.aligned) is re-laid out and the call retried;
+# - a wrong type gets a TypeError naming the argument (the dispatcher's names none).
+# A call whose lists are all empty holds no tensor for the dispatcher to pick a kernel from: the
+# reference backend validates it the same way and returns the (zero) result. Writes to tensors
+# that require grad are refused as on every backend (the C++ Autograd kernel refuses leaves
+# too); with grad mode off (the optimizers) that check costs nothing.
+def _call(op: str, args: list, lists, read, scalar=None):
+    """torch.ops.sam_kernels.<op>(*args). `lists`: (name, position) of every tensor-list
+    argument, the first being the one the others pair with; `read`: positions of the lists
+    the op only reads; `scalar`: (name, position, numel) of the device scalar."""
+    named = [(name, args[i]) for name, i in lists]
+    scalar_arg = None if scalar is None else (scalar[0], args[scalar[1]], scalar[2])
+    if torch.is_grad_enabled() and op in _checks.WRITTEN:
+        _checks.check_types(op, named, scalar_arg)
+        _checks.check_grad_mode(op, named, None if scalar is None else scalar_arg[:2])
+    try:
+        return getattr(_ops(), op)(*args)
+    except ValueError as exc:
+        if "memory layout" not in str(exc) and "not dense" not in str(exc):
+            raise
+        first = args[lists[0][1]]
+        retry = list(args)
+        for i in read:
+            retry[i] = _checks.aligned(first, args[i])
+        if all(a is b for i in read for a, b in zip(retry[i], args[i])):
+            raise  # nothing to re-lay out: the layout is wrong where the op writes
+        return getattr(_ops(), op)(*retry)
+    except (RuntimeError, TypeError):
+        _checks.check_types(op, named, scalar_arg)  # raises the TypeError naming the argument
+        raise
+
+
 def sum_sq(xs: Tensors, weights: Tensors, eta: float) -> torch.Tensor:
-    _checks.check_types("sum_sq", [("xs", xs), ("weights", weights)])
     if not xs:
+        _checks.check_types("sum_sq", [("xs", xs), ("weights", weights)])
         return reference.sum_sq(xs, weights, eta)
-    return _ops().sum_sq(xs, _checks.aligned(xs, weights) if weights else weights, eta)
+    return _call("sum_sq", [xs, weights, eta], [("xs", 0), ("weights", 1)], read=(1,))
 
 
 def dot_sum_sq(a: Tensors, b: Tensors) -> torch.Tensor:
-    _checks.check_types("dot_sum_sq", [("a", a), ("b", b)])
     if not a:
+        _checks.check_types("dot_sum_sq", [("a", a), ("b", b)])
         return reference.dot_sum_sq(a, b)
-    return _ops().dot_sum_sq(a, _checks.aligned(a, b))
+    return _call("dot_sum_sq", [a, b], [("a", 0), ("b", 1)], read=(1,))
 
 
 def perturb_(params: Tensors, dirs: Tensors, sum_sq: torch.Tensor, rho: float, eps: float,
              adaptive: bool, eta: float, backup: Tensors) -> None:
-    _checks.check_types("perturb_", [("params", params), ("dirs", dirs), ("backup", backup)],
-                        ("sum_sq", sum_sq, 1))
-    _checks.check_grad_mode("perturb_", [("params", params), ("dirs", dirs), ("backup", backup)],
-                            ("sum_sq", sum_sq))
-    _ops().perturb_(params, _checks.aligned(params, dirs), sum_sq, rho, eps, adaptive, eta,
-                    backup)
+    _call("perturb_", [params, dirs, sum_sq, rho, eps, adaptive, eta, backup],
+          [("params", 0), ("dirs", 1), ("backup", 7)], read=(1,), scalar=("sum_sq", 2, 1))
 
 
 def restore_(params: Tensors, backup: Tensors) -> None:
-    _checks.check_types("restore_", [("params", params), ("backup", backup)])
-    _checks.check_grad_mode("restore_", [("params", params), ("backup", backup)])
     if not params:
+        _checks.check_types("restore_", [("params", params), ("backup", backup)])
         return reference.restore_(params, backup)
-    _ops().restore_(params, _checks.aligned(params, backup))
+    _call("restore_", [params, backup], [("params", 0), ("backup", 1)], read=(1,))
 
 
 def orth_combine_(d: Tensors, m: Tensors, stats: torch.Tensor, gamma: float, eps: float) -> None:
-    _checks.check_types("orth_combine_", [("d", d), ("m", m)], ("stats", stats, 3))
-    _checks.check_grad_mode("orth_combine_", [("d", d), ("m", m)], ("stats", stats))
-    _ops().orth_combine_(d, _checks.aligned(d, m), stats, gamma, eps)
+    _call("orth_combine_", [d, m, stats, gamma, eps], [("d", 0), ("m", 1)], read=(1,),
+          scalar=("stats", 2, 3))
 
 
 def lerp_sum_sq_(ema: Tensors, g: Tensors, theta: float) -> torch.Tensor:
-    _checks.check_types("lerp_sum_sq_", [("ema", ema), ("g", g)])
-    _checks.check_grad_mode("lerp_sum_sq_", [("ema", ema), ("g", g)])
     if not ema:
+        _checks.check_types("lerp_sum_sq_", [("ema", ema), ("g", g)])
         return reference.lerp_sum_sq_(ema, g, theta)
-    return _ops().lerp_sum_sq_(ema, _checks.aligned(ema, g), theta)
+    return _call("lerp_sum_sq_", [ema, g, theta], [("ema", 0), ("g", 1)], read=(1,))
 
 
 def axpby_(ys: Tensors, xs: Tensors, a: float, b: float) -> None:
-    _checks.check_types("axpby_", [("ys", ys), ("xs", xs)])
-    _checks.check_grad_mode("axpby_", [("ys", ys), ("xs", xs)])
     if not ys:
+        _checks.check_types("axpby_", [("ys", ys), ("xs", xs)])
         return reference.axpby_(ys, xs, a, b)
-    _ops().axpby_(ys, _checks.aligned(ys, xs), a, b)
+    _call("axpby_", [ys, xs, a, b], [("ys", 0), ("xs", 1)], read=(1,))
 
 
 def _reduction(xs: Tensors, shape) -> torch.Tensor:
