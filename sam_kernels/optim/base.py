@@ -102,8 +102,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     Training options every algorithm accepts (also through `**base_kwargs` of a subclass that
     does not name them): `grad_scaler=` a `torch.amp.GradScaler` (both passes scaled, each
     unscaled once, the update skipped when any pass has inf/NaN; call `scaler.update()` after
-    each step, never `scaler.step(optimizer)`), and `max_grad_norm=` (the final gradient is
-    clipped to this global L2 norm before the base step).
+    each step, never `scaler.step(optimizer)`), `max_grad_norm=` (the final gradient is
+    clipped to this global L2 norm before the base step) and `skip_nonfinite=` (a step whose
+    gradients hold inf/NaN is skipped as the GradScaler path skips it; `skipped_steps`).
+    How the optimizer runs across processes (single, DDP, FSDP2/HSDP, FSDP1) is decided once
+    here from the parameters and `model=` (optim/distributed.py).
     """
 
     #: per-group hyper-parameters validated as >= 0 (subclasses extend)
