@@ -483,8 +483,13 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     def _pass_sync(self):
         """DDP's `no_sync()` for a pass whose gradients stay per-rank, else nothing (the
         strategy decides: sharded training synchronises every pass)."""
-        # the final pass of SAM/ASAM/VaSSO is averaged by DDP; every other pass is per-rank
-        return self._dist.pass_context(per_rank=not self.perturbed or self._reduce_final_grads)
+        return self._dist.pass_context(per_rank=self._pass_is_per_rank())
+
+    def _pass_is_per_rank(self) -> bool:
+        """Whether the pass about to run keeps per-rank gradients under DDP: the final pass of
+        SAM/ASAM/VaSSO (at w + e) is averaged by DDP, every other pass is per rank; algorithms
+        whose step has one pass, or that need every pass averaged, say so here."""
+        return not self.perturbed or self._reduce_final_grads
 
     @contextlib.contextmanager
     def _abort_on_error(self):

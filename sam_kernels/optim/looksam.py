@@ -1,7 +1,6 @@
 """LookSAM (Liu et al., "Towards Efficient and Scalable Sharpness-Aware Minimization", CVPR
 2022): the SAM gradient every k-th step, reused in between through its component orthogonal to
 the plain gradient, so that k − 1 of every k steps cost one forward-backward pass."""
-import contextlib
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
@@ -91,8 +90,8 @@ class LookSAM(PeriodicTwoPass, ClosureMixin, SharpnessAwareOptimizer):
             return self._gv_sum_sq is None
         return not any(_GV in s for s in self.state.values())
 
-    def _pass_sync(self):
-        return contextlib.nullcontext()  # every pass averaged by DDP (see the class doc)
+    def _pass_is_per_rank(self) -> bool:
+        return False  # every pass averaged by DDP (see the class doc)
 
     # ------------------------------------------------------------------ steps
     @torch.no_grad()

@@ -1,7 +1,6 @@
 """Momentum-SAM (Becker et al., "Momentum-SAM: Sharpness Aware Minimization without
 Computational Overhead", 2024): the perturbation follows the base optimizer's momentum, which
 exists before the step's pass, so a step costs one forward-backward pass, like SGD."""
-import contextlib
 import dataclasses
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
@@ -112,8 +111,8 @@ class MomentumSAM(ClosureMixin, SharpnessAwareOptimizer):
                 slots.append(GradSlots(group, params, bufs, self._locals(params)))
         return slots
 
-    def _pass_sync(self):
-        return contextlib.nullcontext()  # the step's only pass: DDP averages it
+    def _pass_is_per_rank(self) -> bool:
+        return False  # the step's only pass: DDP averages it
 
     def pass_context(self, freeze_bn: Optional[bool] = None):
         # the only pass of a step: BatchNorm running statistics update in it by default

@@ -1,6 +1,5 @@
 """SAM (Foret et al., 2021) and ASAM (Kwon et al., 2021), as in davda54/sam; Composer's interval
 SAM (``interval=k``) and SAM-ON's norm-only groups (``perturb=False`` groups, see sam_on.py)."""
-import contextlib
 from typing import Any, Callable, Iterable, List, Optional
 
 import torch
@@ -49,10 +48,10 @@ class PeriodicTwoPass:
         self._one_pass = True
         return True
 
-    def _pass_sync(self):
+    def _pass_is_per_rank(self) -> bool:
         if self._one_pass or (not self.perturbed and not self.needs_perturbed_pass()):
-            return contextlib.nullcontext()  # the step's only pass: DDP averages it
-        return super()._pass_sync()
+            return False  # the step's only pass: DDP averages it
+        return super()._pass_is_per_rank()
 
     def pass_context(self, freeze_bn: Optional[bool] = None):
         if self._one_pass:
