@@ -408,6 +408,7 @@ def run_cases(rank, world, init_file, out_dir, cases, case_fn):
                 results[case["id"]] = {"error": f"{type(exc).__name__}: {exc}",
                                        "traceback": traceback.format_exc(limit=8)}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -128,6 +128,7 @@ def _worker(rank, init_file, out_dir):
         results["refused"] = refused
         results["lr"] = [g["lr"] for g in opt.param_groups]
         results["grads"] = [p.grad for p in model.parameters()]
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()

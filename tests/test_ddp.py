@@ -70,6 +70,7 @@ def _worker(rank, init_file, out_dir):
                 [p.detach().clone() for p in model.parameters()],
                 scaler.get_scale() if scaler is not None else None)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -720,6 +720,7 @@ def _ddp_worker(rank, init_file, out_dir):
             ddp = torch.nn.parallel.DistributedDataParallel(model)
             out[name] = _mlp_train(name, model, ddp, shards)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 

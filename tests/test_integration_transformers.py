@@ -506,6 +506,7 @@ def _ddp_worker(rank, port, out_dir):
     result["accelerate_batches"] = seen
     result["accelerate_reductions"] = len(reductions)
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.barrier()  # neither rank tears gloo down while the other still talks to it
     torch.distributed.destroy_process_group()
 
 
