@@ -95,6 +95,15 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return (model(x).argmax(1) == y).float().mean().item()
 
 
+def _step(name, opt, closure):
+    """One training step: SGD runs the closure once itself; the SAM family takes it."""
+    if name == "SGD":
+        closure()
+        opt.step()
+    else:
+        opt.step(closure)
+
+
 def train_one(name: str, seed: int, args) -> Dict[str, float]:
     x_tr, y_tr, y_tr_clean, x_te, y_te, flipped = load_noisy_digits(seed, args.noise)
     torch.manual_seed(seed)
@@ -120,11 +129,7 @@ def train_one(name: str, seed: int, args) -> Dict[str, float]:
                 loss.backward()
                 return loss
 
-            if name == "SGD":
-                closure()
-                opt.step()
-            else:
-                opt.step(closure)
+            _step(name, opt, closure)
             sched.step()
     wall = time.perf_counter() - start
     steps = args.epochs * steps_per_epoch
@@ -235,11 +240,7 @@ def main(argv=None):
                                                    torch.randint(0, 10, (8,)))
                 loss.backward()
                 return loss
-            if name == "SGD":
-                closure()
-                opt.step()
-            else:
-                opt.step(closure)
+            _step(name, opt, closure)
     load_at_start = _load_average()
     runs: Dict[str, List[Dict[str, float]]] = {name: [] for name in args.algos}
     for seed in range(args.seeds):

@@ -13,6 +13,7 @@ import small_model
 from sam_kernels import GAM, GSAM, SAM, VaSSO, VaSSORe, VaSSOReMu
 from small_model import OpCounter, loss_fn
 from small_model import params_of as _params
+from training_helpers import assert_same_tensors
 
 CRITERIA = ("naive", "random", "gSAMflat", "gSAMsharp", "gSAMratio", "cosSim")
 # settings under which every criterion fires both ways within the 32 steps of the tests
@@ -749,23 +750,6 @@ def test_failed_step_changes_nothing_and_the_run_continues_bit_exactly(backend_d
         assert failed_kinds == {True, False}
     for t, (a, b) in enumerate(zip(expected, got)):
         assert_same_tensors(a, b, f"step {t}")
-
-
-def assert_same_tensors(a, b, what):
-    """Bitwise equality of nested dicts/lists of tensors and plain values."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), f"{what}: keys {sorted(a, key=str)} vs {sorted(b, key=str)}"
-        for k in a:
-            assert_same_tensors(a[k], b[k], f"{what}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), what
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_tensors(x, y, f"{what}[{i}]")
-    elif torch.is_tensor(a):
-        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), \
-            f"{what} differs"
-    else:
-        assert a == b, f"{what}: {a!r} != {b!r}"
 
 
 # ----------------------------------------------------------------------------- .data replaced

@@ -100,9 +100,10 @@ def manual_step(opt, run_pass):
 
 
 def assert_same_tensors(a, b, what):
-    """Bitwise equality of two lists/dicts of tensors (NaN == NaN)."""
+    """Bitwise equality of two lists/dicts of tensors and plain values (same dtype; NaN ==
+    NaN)."""
     if isinstance(a, dict):
-        assert a.keys() == b.keys(), what
+        assert a.keys() == b.keys(), f"{what}: keys {sorted(a, key=str)} vs {sorted(b, key=str)}"
         for k in a:
             assert_same_tensors(a[k], b[k], f"{what}[{k!r}]")
     elif isinstance(a, (list, tuple)):
@@ -110,6 +111,8 @@ def assert_same_tensors(a, b, what):
         for i, (x, y) in enumerate(zip(a, b)):
             assert_same_tensors(x, y, f"{what}[{i}]")
     elif torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.dtype == b.dtype, \
+            f"{what}: {b!r} is not a {a.dtype} tensor"
         assert torch.equal(a, b) or (a.shape == b.shape and
                                      torch.equal(a.isnan(), b.isnan()) and
                                      torch.equal(a.nan_to_num(), b.nan_to_num())), \

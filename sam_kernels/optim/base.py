@@ -385,10 +385,16 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         radius `rho`. Returns the parameters that had a gradient."""
         slots = self._slots_with_grads()
         self._unscale_grads()
+        params = self._keep_grads(name, slots)
+        self._perturb(slots, self._weighted_sum_sq(slots), eps, rho=rho)
+        return params
+
+    def _keep_grads(self, name: str, slots: List[GradSlots]) -> Tensors:
+        """Copy the gradients of `slots` into the persistent buffers `name` (one fused copy);
+        returns the parameters they belong to."""
         params = [p for s in slots for p in s.params]
         grads = [g for s in slots for g in s.grads]
         torch._foreach_copy_(self._scratch(name, params, grads), grads)
-        self._perturb(slots, self._weighted_sum_sq(slots), eps, rho=rho)
         return params
 
     def _backups_for(self, keys: Tensors, params: Tensors) -> Tensors:

@@ -8,7 +8,7 @@ import torch
 from .base import GradSlots, SharpnessAwareOptimizer, StepVar, Tensors, check_nonnegative, \
     check_positive
 from .closure import ClosureMixin
-from .sam import PeriodicTwoPass, check_int, perturbed_slots
+from .sam import PeriodicTwoPass, check_int
 
 GRANULARITIES = ("global", "tensor")
 _GV = "looksam_minus_gv"  # state[p]: −g_v (stored negated: c·g − g_s is what one axpby_ leaves)
@@ -97,20 +97,9 @@ class LookSAM(PeriodicTwoPass, ClosureMixin, SharpnessAwareOptimizer):
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """SAM step: keep g and move to w + e. One-pass step: nothing (the gradients stay)."""
-        self._require_unperturbed("first_step()")
-        self._check_groups()
-        if self._begin_one_pass_step():
-            return
-        slots = self._slots_with_grads()
-        self._unscale_grads()
-        params = [p for s in slots for p in s.params]
-        grads = [g for s in slots for g in s.grads]
-        torch._foreach_copy_(self._scratch("looksam_g", params, grads), grads)
-        self._kept = params
-        slots = perturbed_slots(slots)
-        self._perturb(slots, self._weighted_sum_sq(slots), self.eps)
-        if zero_grad:
-            self.zero_grad()
+        kept = self._first_step(zero_grad, keep="looksam_g")
+        if kept is not None:
+            self._kept = kept
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:

@@ -48,6 +48,23 @@ class PeriodicTwoPass:
         self._one_pass = True
         return True
 
+    def _first_step(self, zero_grad: bool, keep: Optional[str] = None) -> Optional[List]:
+        """first_step() of these algorithms: on a SAM step move to w + e along the gradients
+        of the perturbed groups (first keeping every gradient in the buffers `keep`, and
+        returning their parameters); on a one-pass step nothing."""
+        self._require_unperturbed("first_step()")
+        self._check_groups()
+        if self._begin_one_pass_step():
+            return None
+        slots = self._slots_with_grads()
+        self._unscale_grads()
+        kept = self._keep_grads(keep, slots) if keep is not None else None
+        slots = perturbed_slots(slots)
+        self._perturb(slots, self._weighted_sum_sq(slots), self.eps)
+        if zero_grad:
+            self.zero_grad()
+        return kept
+
     def _pass_is_per_rank(self) -> bool:
         if self._one_pass or (not self.perturbed and not self.needs_perturbed_pass()):
             return False  # the step's only pass: DDP averages it
@@ -179,16 +196,7 @@ class SAM(PeriodicTwoPass, SharpnessAwareOptimizer):
     def first_step(self, zero_grad: bool = False) -> None:
         """Move to w + e using the current gradients (the gradient at w). On an interval
         step without SAM: nothing, the gradients stay for second_step()."""
-        self._require_unperturbed("first_step()")
-        self._check_groups()
-        if self._begin_one_pass_step():
-            return
-        slots = self._slots_with_grads()
-        self._unscale_grads()
-        slots = perturbed_slots(slots)
-        self._perturb(slots, self._weighted_sum_sq(slots), self.eps)
-        if zero_grad:
-            self.zero_grad()
+        self._first_step(zero_grad)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
