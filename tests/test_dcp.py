@@ -132,6 +132,7 @@ def _worker(rank, init_file, out_dir):
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()
+    os._exit(0)  # saved: skip the interpreter teardown, where gloo's threads can abort
 
 
 @pytest.fixture(scope="module")

@@ -719,10 +719,15 @@ def _ddp_worker(rank, init_file, out_dir):
             model = _mlp()
             ddp = torch.nn.parallel.DistributedDataParallel(model)
             out[name] = _mlp_train(name, model, ddp, shards)
+        del ddp, model
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
+    # Results are saved: leave without the interpreter's teardown, where gloo's threads
+    # occasionally abort the process ("terminate called without an active exception", about
+    # 1 run in 6 under CI load), which would fail a test whose checks all passed.
+    os._exit(0)
 
 
 def test_ddp_replicas_agree_and_synchronised_variants_equal_one_process(tmp_path):
