@@ -2,13 +2,13 @@
 from . import bn, ops, schedulers, sharpness
 from .optim import (GAM, GSAM, SAM, SharpnessAwareOptimizer, VaSSO, VaSSORe,
                     VaSSOReMu)
-from .optim import FriendlySAM, LookSAM, MomentumSAM, sam_on_param_groups
+from .optim import WSAM, FriendlySAM, LookSAM, MomentumSAM, sam_on_param_groups
 from .schedulers import (CosineScheduler, LinearScheduler, PolyScheduler, ProportionScheduler,
                          SchedulerBase)
 
 __version__ = "0.1.0"
 
-__all__ = ["SAM", "GSAM", "GAM", "VaSSO", "VaSSORe", "VaSSOReMu",
+__all__ = ["SAM", "GSAM", "GAM", "WSAM", "VaSSO", "VaSSORe", "VaSSOReMu",
            "LookSAM", "FriendlySAM", "MomentumSAM", "sam_on_param_groups", "sharpness",
            "SharpnessAwareOptimizer", "bn", "ops", "schedulers",
            "SchedulerBase", "LinearScheduler", "CosineScheduler", "PolyScheduler",

@@ -301,7 +301,10 @@ def test_sam_on_groups():
     with pytest.raises(ValueError, match="no trainable parameters in normalisation"):
         sam_on_param_groups(torch.nn.Linear(2, 2))
     ps = _params((3,))
-    opt = SAM([dict(params=ps, perturb="yes")], torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="Invalid perturb value"):  # refused when built
+        SAM([dict(params=ps, perturb="yes")], torch.optim.SGD, lr=0.1)
+    opt = SAM([dict(params=ps)], torch.optim.SGD, lr=0.1)
+    opt.param_groups[0]["perturb"] = "yes"  # or when changed later, before anything moves
     ps[0].grad = torch.randn(3)
     before = ps[0].detach().clone()
     with pytest.raises(ValueError, match="Invalid perturb value"):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sam_kernels import GAM, GSAM, SAM, VaSSO, VaSSORe, VaSSOReMu
-from sam_kernels.optim.seed_compat import SEED_STEP_KEYWORDS
+from sam_kernels.optim.compat import SEED_STEP_KEYWORDS
 from training_helpers import assert_same_tensors
 
 CLASSES = [SAM, GSAM, GAM, VaSSO, VaSSORe, VaSSOReMu]

@@ -278,7 +278,7 @@ def test_vassore_naive_k1_equals_vasso(backend_device):
     model = TinyNet().to(device)
     twin = copy.deepcopy(model)
     data = make_data(10, torch.float32, device)
-    opts = [VaSSORe(two_groups(model), torch.optim.SGD, criterion="naive", k=1,
+    opts = [VaSSORe(two_groups(model), torch.optim.SGD, criterion="naive", k=1, eps=1e-7,
                     backend=backend, model=model, lr=0.1),
             VaSSO(two_groups(twin), torch.optim.SGD, backend=backend, model=twin, lr=0.1)]
     for x, y in data:

@@ -1,81 +1,74 @@
-"""What every SAM-family optimizer shares: wrapping a base optimizer, gathering gradients,
-perturbing and exactly restoring weights through the primitives, call-order checks, closures,
-BatchNorm freezing and checkpointing, and the training-loop machinery (GradScaler, DDP,
-gradient clipping, LR-scheduler bookkeeping). The algorithms (sam.py, gsam.py, ...) are short
-compositions of these pieces; no method here loops arithmetic over parameters.
+"""The step skeleton every SAM-family optimizer runs on.
 
-The contract a step follows, whatever the algorithm (see SAM for the pattern):
-- each method that consumes the gradients of a pass calls `_unscale_grads()` first (after its
-  checks): with a GradScaler it unscales that pass's gradients and records its inf/NaN flag;
-- `_perturb(...)` / `_restore()` move to and back from perturbed points;
-- closures go through `_require_closure`: every call runs with DDP `no_sync` where the
-  algorithm keeps per-rank gradients, and restores the weights if it raises; passes at
-  perturbed weights run in `_perturbed_pass()` (BatchNorm running statistics frozen);
-  `pass_context()` gives hand-written loops both;
-- the step ends with `_base_step()` once the final gradient is in `p.grad`, w is restored
-  and (GSAM/GAM) averaged over DDP ranks: clipping (`max_grad_norm`), the GradScaler skip,
-  the base optimizer's step.
+An algorithm is a subclass that states small rules, written only as calls to the primitives
+(through `self._ops()`, so `backend=` governs the whole step):
+
+- `_plan()`: the stages of the step about to run — one entry per call of first_step(),
+  second_step(), ... (the last one finishes the step), True where a forward-backward pass
+  runs before that stage — and whether the step counts as an inner step;
+- `_stage(k, slots)`: what stage k (not the last) does with the gradients of the pass before
+  it: form a direction and move the weights (`_perturb`), keep gradients (`_keep`);
+- `_combine(slots)`: turn the last pass's gradients into the final gradient in `p.grad`;
+- `_after_base_step()`: anything applied after the base optimizer's step (WSAM);
+- class attributes: `hyper` / `group_hyper` (validation rules), `sync` (which passes DDP
+  averages), `_rule_vars` (host state a failed step puts back and a checkpoint keeps).
+
+The skeleton owns everything else, once for every algorithm: the order of the calls, the
+passes and their contexts (DDP no_sync, BatchNorm freeze), GradScaler unscaling and skip
+flags, `skip_nonfinite`, `maximize`, clipping, the distributed strategy, one transaction
+(a step that fails or is skipped leaves weights, state, counters and schedules as before),
+counters, checkpoints, hooks, pickling.
+
+The transaction costs no parameter-sized copy: a rule never writes its persistent per-parameter
+state in place during a step; it writes the new value into tensors the step owns (`_keep`:
+the pass's gradients themselves when the step zeroes them anyway, else fresh tensors) and
+stages it with `_put_state`; the commit after the base step swaps references.
 """
 import contextlib
 import copy
-import functools
-import math
-import numbers
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
+from torch.optim import optimizer as _torch_optimizer
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import bn
 from ..ops import _registry
-from . import distributed
-from .seed_compat import adapt_closure, check_keywords, convert_seed_state_dict
+from . import compat, distributed
+from .validation import check
 
 Tensors = List[torch.Tensor]
 
 
 @dataclass
 class GradSlots:
-    """The parameters of one param group that have a gradient, with those gradients.
-
-    `params` are the parameter objects (keys of `state` and of the scratch buffers); `grads`
-    and `locals` the tensors the kernels work on: the gradients and parameters themselves, or
-    their local shards when the parameters are sharded DTensors (FSDP2). `locals=None`: the
-    optimizer derives them from `params`."""
+    """The parameters of one param group that take part in a pass, with their gradients (or
+    another per-parameter tensor a rule works on) and the tensors the kernels write (the
+    parameters, or their local shards under FSDP2)."""
     group: Dict[str, Any]
     params: Tensors
     grads: Tensors
-    locals: Optional[Tensors] = None
+    locals: Tensors
 
 
-def _check_real(name: str, value: Any, ok: Callable[[float], bool], rule: str) -> None:
-    """Hyper-parameters are real numbers: Python ints/floats and numpy scalars (anything
-    `numbers.Real` but bool). Tensors are refused: reading one would be a host sync."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"Invalid {name} value: {value!r} (a {type(value).__module__}."
-                         f"{type(value).__qualname__}; must be a real number {rule}, e.g. a "
-                         f"Python float)")
-    if not math.isfinite(value) or not ok(value):
-        raise ValueError(f"Invalid {name} value: {value!r} (must be a finite number {rule})")
+@dataclass(frozen=True)
+class Plan:
+    """The stages of one step: `passes[k]` is True where a forward-backward pass runs before
+    stage k; `inner` marks the step for the `inner_steps` counter."""
+    passes: Tuple[bool, ...]
+    inner: bool = True
 
 
-def check_nonnegative(name: str, value: Any) -> None:
-    _check_real(name, value, lambda v: v >= 0, ">= 0")
-
-
-def check_positive(name: str, value: Any) -> None:
-    _check_real(name, value, lambda v: v > 0, "> 0")
+TWO_PASS = Plan((True, True))
 
 
 class StepVar:
-    """An attribute that a step changes (declare it in the class body: ``steps = StepVar(0)``).
-
-    Its value lives in the instance dict ``_step_vars``: torch.compile (2.13) silently drops
-    plain attribute writes on optimizer objects made inside a compiled region, while writes
-    into a dict the optimizer holds are replayed — so a compiled step keeps such state right.
-    """
+    """An attribute a step changes (``steps = StepVar(0)`` in a class body). Its value lives in
+    the instance dict `_step_vars`: torch.compile replays writes into a dict the optimizer
+    holds, while it drops plain attribute writes made inside a compiled region."""
 
     def __init__(self, default: Any = None) -> None:
         self.default = default
@@ -92,76 +85,89 @@ class StepVar:
         obj.__dict__.setdefault("_step_vars", {})[self.name] = value
 
 
+# Any optimizer's step (ours or another's) ends "gradients produced since the last step":
+# a loop that switches from SGD to SAM leaves SGD's gradients, which are not a pass 1.
+_step_epoch = [0]
+
+
+def _count_any_step(optimizer, args, kwargs) -> None:
+    _step_epoch[0] += 1
+
+
+register_optimizer_step_post_hook(_count_any_step)
+
+
 class SharpnessAwareOptimizer(torch.optim.Optimizer):
-    """Base class of the SAM family. Subclasses define the step; see SAM for the pattern.
+    """Base class of the SAM family: wraps a base optimizer (a ``torch.optim.Optimizer`` class,
+    built here on our param groups with the remaining keywords, or an instance over the same
+    parameters; both share one list of param-group dicts) and runs the step skeleton.
 
-    `base_optimizer` is a torch.optim.Optimizer class (built here on our param groups with
-    `base_kwargs`) or an instance over the same parameters. Either way both objects share the
-    very same param-group dicts, so LR schedulers work on either object.
-
-    Training options every algorithm accepts (also through `**base_kwargs` of a subclass that
-    does not name them): `grad_scaler=` a `torch.amp.GradScaler` (both passes scaled, each
-    unscaled once, the update skipped when any pass has inf/NaN; call `scaler.update()` after
-    each step, never `scaler.step(optimizer)`), `max_grad_norm=` (the final gradient is
-    clipped to this global L2 norm before the base step) and `skip_nonfinite=` (a step whose
-    gradients hold inf/NaN is skipped as the GradScaler path skips it; `skipped_steps`).
-    How the optimizer runs across processes (single, DDP, FSDP2/HSDP, FSDP1) is decided once
-    here from the parameters and `model=` (optim/distributed.py).
+    Options every algorithm takes: ``backend`` ('auto', 'reference', 'cpu', 'cuda', 'triton'),
+    ``model`` (BatchNorm freeze at perturbed points, DDP/FSDP detection, ``set_closure``),
+    ``grad_scaler`` (a ``torch.amp.GradScaler``: every pass unscaled once, inf/NaN in any
+    pass skips the step exactly; call ``scaler.update()`` after each step), ``max_grad_norm``
+    (the final gradient clipped to this global L2 norm), ``skip_nonfinite`` (a step whose
+    gradients hold inf/NaN is skipped as the GradScaler path skips it).
     """
 
-    #: per-group hyper-parameters validated as >= 0 (subclasses extend)
-    _nonnegative_group_keys: Tuple[str, ...] = ()
-    #: True for algorithms that combine the gradients of several passes into the final one
-    #: (GSAM, GAM): under DDP every pass then runs without synchronisation and the final
-    #: gradient is averaged once (`_sync_grads`); otherwise only the last pass at the
-    #: perturbed point is synchronised by DDP, and pass 1 stays per-rank.
-    _reduce_final_grads: bool = False
-    #: keys of `self.state[p]` that persist across steps and change before a step knows
-    #: whether GradScaler found inf/NaN (e.g. VaSSO's EMA). With a GradScaler they are copied
-    #: at the start of a step and put back, with `_extra_state()`, when the step is skipped.
-    _amp_guarded_state: Tuple[str, ...] = ()
+    #: validation rules (see validation.check) of hyper-parameters kept as attributes and of
+    #: those kept per param group
+    hyper: Dict[str, str] = {"eps": ">0"}
+    group_hyper: Dict[str, str] = {"rho": ">=0", "adaptive": "bool", "eta": ">=0"}
+    #: which passes DDP averages: "final" (the pass before the last stage; the earlier ones
+    #: stay per rank, as the seeds run them), "all", or "none" (every pass per rank, the final
+    #: gradient averaged once by the skeleton)
+    sync = "final"
+    #: host state of the rule that a failed step puts back and a checkpoint keeps
+    _rule_vars: Tuple[str, ...] = ()
+    #: keys of the rule's own per-parameter state (`self.state[p]`)
+    _state_keys: Tuple[str, ...] = ()
+    #: True where the plan depends on the counters: a skipped step then reads its flag on the
+    #: host to put them back (else a fused base optimizer skips on the device flag alone)
+    _exact_counters = False
+    #: which seeds' checkpoints load_state_dict converts ('sam', 'gsam', 'gam', 'vasso')
+    _seed_family: Optional[str] = None
 
-    # what a step changes on the object itself (see StepVar)
-    _perturbed = StepVar()  # (params, backups) while at a perturbed point, else None
-    _amp_passes = StepVar(0)  # passes unscaled in the current step
-    _amp_snapshot = StepVar()  # guarded state copied at the start of an AMP step
-    _opt_called = StepVar(False)  # read by torch LR schedulers
-    _backward_seen = StepVar(False)  # a backward accumulated gradients since the last step
-    #: steps skipped for inf/NaN gradients (GradScaler or skip_nonfinite): a device tensor
-    #: (no host read; `int(opt.skipped_steps)`), None before the first guarded step
+    steps = StepVar(0)  # completed (not skipped) steps
+    inner_steps = StepVar(0)  # completed steps whose plan was an inner one
+    #: steps skipped for inf/NaN (a device tensor, no host read), None before the first
     skipped_steps = StepVar()
-    #: L2 norm of the last final gradient before clipping (a device tensor; with
-    #: max_grad_norm only)
+    #: L2 norm of the last final gradient before clipping (with max_grad_norm; on the device)
     last_grad_norm = StepVar()
-    #: L(w + e) − L(w) of the last step(closure) that ran both passes and whose closure
-    #: returned losses (a device tensor, no host read; GSAM's surrogate gap), else None
+    #: L(w + e) − L(w) of the last step(closure) that ran both (on the device), else None
     last_surrogate_gap = StepVar()
+    _current = StepVar()  # the plan of the step in progress, None between steps
+    _next = StepVar(0)  # index of the next stage of the step in progress
+    _perturbed = StepVar()  # (params, backups) while the weights are moved
+    _txn = StepVar()  # what the step in progress changed, to undo it
+    _held = StepVar()  # tensors a rule keeps from one stage to the next (dropped at the end)
+    _unscaled = StepVar(0)  # passes unscaled by the GradScaler in this step
+    _flags = StepVar(())  # skip_nonfinite's per-pass flags
+    _backward_epoch = StepVar(-1)  # _step_epoch when a backward last accumulated a gradient
+    _opt_called = StepVar(False)  # read by torch LR schedulers
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "step" in cls.__dict__:
-            cls.step = _dcp_tolerant(cls.__dict__["step"])
+        compat.accept_seed_calls(cls)
 
-    def __init__(self, params: Iterable, base_optimizer: Any, defaults: Dict[str, Any], *,
-                 backend: str = "auto", model: Optional[torch.nn.Module] = None,
-                 base_kwargs: Optional[Dict[str, Any]] = None,
+    def __init__(self, params: Iterable, base_optimizer: Any, group: Dict[str, Any],
+                 hyper: Optional[Dict[str, Any]] = None, *, backend: str = "auto",
+                 model: Optional[torch.nn.Module] = None,
                  grad_scaler: Optional[torch.amp.GradScaler] = None,
-                 max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False) -> None:
-        self.__dict__.setdefault("_step_vars", {})  # made here, outside any compiled region
+                 max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False,
+                 **base_kwargs: Any) -> None:
+        self.__dict__.setdefault("_step_vars", {})
         _registry.validate_name(backend)
-        base_kwargs = dict(base_kwargs or {})
-        grad_scaler = base_kwargs.pop("grad_scaler", grad_scaler)
-        max_grad_norm = base_kwargs.pop("max_grad_norm", max_grad_norm)
-        skip_nonfinite = base_kwargs.pop("skip_nonfinite", skip_nonfinite)
-        if not isinstance(skip_nonfinite, bool):
-            raise TypeError(f"skip_nonfinite must be True or False, got {skip_nonfinite!r}")
-        # an unknown keyword names itself and what each object takes
-        check_keywords(type(self), base_optimizer, base_kwargs)
+        compat.check_keywords(type(self), base_optimizer, base_kwargs)
         if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
             raise TypeError(f"grad_scaler must be a torch.amp.GradScaler (or None), got "
                             f"{grad_scaler!r}")
         if max_grad_norm is not None:
-            check_positive("max_grad_norm", max_grad_norm)
+            max_grad_norm = check("max_grad_norm", max_grad_norm, ">0")
+        skip_nonfinite = check("skip_nonfinite", skip_nonfinite, "bool")
+        for name, value in (hyper or {}).items():
+            setattr(self, name, check(name, value, self.hyper.get(name, "any")))
+        group = {k: check(k, v, self.group_hyper.get(k, "any")) for k, v in group.items()}
         if isinstance(base_optimizer, torch.optim.Optimizer):
             if base_kwargs:
                 raise TypeError(
@@ -169,41 +175,51 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                     f"already; got extra keyword arguments {sorted(base_kwargs)}. Pass them "
                     f"when building the base optimizer, or pass its class instead")
             _check_same_params(params, base_optimizer)
-            super().__init__(base_optimizer.param_groups, defaults)
+            super().__init__(base_optimizer.param_groups, group)
         elif isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
-            super().__init__(params, defaults)
+            super().__init__(params, group)
             base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         else:
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer subclass or "
                             f"instance, got {base_optimizer!r}")
         self.base_optimizer = base_optimizer
         self.param_groups = base_optimizer.param_groups  # one list of shared group dicts
-        for group in self.param_groups:
-            _dedupe(group)
+        for g in self.param_groups:
+            _dedupe(g)
         self.defaults.update(base_optimizer.defaults)
-        self.backend = backend
-        self.model = model
-        # chosen once: inside a compiled step, walking the model's wrappers again trips dynamo
-        # (the same module reached through two sources)
-        self._dist = distributed.choose(_all_params(self.param_groups), model)
-        self.grad_scaler = grad_scaler
-        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.backend, self.model = backend, model
+        self.grad_scaler, self.max_grad_norm = grad_scaler, max_grad_norm
         self.skip_nonfinite = skip_nonfinite
         self._check_groups()
-        self._set_device()
-        # containers made here, outside any compiled region (see StepVar): their contents
-        # change in steps
-        self._backup_lists: Dict[Tuple[int, ...], Tensors] = {}
-        self._scratch_buffers: Dict[str, Dict[torch.Tensor, torch.Tensor]] = {}
-        self._amp_views: List[_ScalerPass] = []  # one GradScaler key per pass of a step
-        self._nonfinite_flags: Tensors = []  # per-pass flags of a skip_nonfinite step
+        self._resolve(model)
+        self._caches = {}
         self._watch_backward(self.param_groups)
 
-    # ------------------------------------------------------------------ validation
+    # ------------------------------------------------------------------ set-up
+    def _resolve(self, model: Optional[torch.nn.Module]) -> None:
+        """Device, backend module and distributed strategy, resolved once (not per step: a
+        compiled step cannot trace the look-ups)."""
+        params = _all_params(self.param_groups)
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise ValueError(f"parameters are on several devices ({sorted(map(str, devices))}); "
+                             "one optimizer must hold parameters of one device — use one "
+                             "optimizer per device (or wrap the model with DDP/FSDP)")
+        device = next(iter(devices), None)
+        backend = _registry.resolve(self.backend, device or "cpu")
+        self._dist = distributed.choose(params, model)
+        self._device, self._backend_module = device, backend
+
     def _check_groups(self) -> None:
-        for group in self.param_groups:
-            for key in self._nonnegative_group_keys:
-                check_nonnegative(key, group[key])
+        for g in self.param_groups:
+            for key, rule in self.group_hyper.items():
+                if key in g:
+                    check(key, g[key], rule)
+            if "perturb" in g:
+                check("perturb", g["perturb"], "bool")
+        for key, rule in self.hyper.items():
+            if key in self.__dict__:
+                check(key, getattr(self, key), rule)
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         if not hasattr(self, "base_optimizer"):  # during torch.optim.Optimizer.__init__
@@ -214,477 +230,633 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             param_group.setdefault(key, value)
         n = len(self.param_groups)
         self.base_optimizer.add_param_group(param_group)
-        # validated with the new group in place (subclasses check every group), and taken out
-        # again if anything is wrong: a rejected group must not stay in the shared list
-        try:
+        try:  # a rejected group must not stay in the shared list
             _dedupe(self.param_groups[-1])
             self._check_groups()
-            device, backend_module = self._resolve_device()
-            strategy = distributed.choose(_all_params(self.param_groups), self.model)
+            self._resolve(self.model)
         except BaseException:
             del self.param_groups[n:]
+            self._resolve(self.model)
             raise
-        self._device, self._backend_module, self._dist = device, backend_module, strategy
         self._watch_backward(self.param_groups[n:])
 
     def set_model(self, model: Optional[torch.nn.Module]) -> None:
-        """Point the optimizer at the module the training loop runs (e.g. the DDP wrapper a
-        framework made after the optimizer was built), and resolve the parameters' device and
-        backend again (a trainer may have moved them since construction)."""
-        self._require_unperturbed("set_model()")
-        strategy = distributed.choose(_all_params(self.param_groups), model)
-        self._set_device()
-        self.model, self._dist = model, strategy
-
-    def _set_device(self) -> None:
-        self._device, self._backend_module = self._resolve_device()
-
-    def _resolve_device(self):
-        device = _single_device(self.param_groups)
-        # resolved once, not per step: keeps the step free of host-side lookups that
-        # torch.compile cannot trace
-        return device, _registry.resolve(self.backend, device or "cpu")
+        """Point the optimizer at the module the training loop runs (e.g. a DDP wrapper made
+        after the optimizer), and resolve device and backend again (the parameters may have
+        moved since construction)."""
+        self._require_between_steps("set_model()")
+        self._resolve(model)
+        self.model = model
 
     def _watch_backward(self, groups) -> None:
-        """A hook on one parameter per group notes a backward pass that accumulates into its
-        gradient, so that `step(closure)` can tell when the caller already ran pass 1 itself
-        (see `_require_closure`). Sharded parameters get their gradients from FSDP, not from
-        autograd accumulation: no hook fires there, and nothing is refused."""
+        """A hook on one parameter per group notes that a backward pass accumulated into its
+        gradient, so that step(closure) can tell a pass 1 the caller ran (the seeds' loops)."""
         ref = weakref.ref(self)
 
         def seen(_param):
             owner = ref()
             if owner is not None:
-                owner._backward_seen = True
+                owner._backward_epoch = _step_epoch[0]
 
         watched = self.__dict__.setdefault("_watched", [])
-        for group in groups:
-            for p in group["params"]:
-                if p.requires_grad and hasattr(p, "register_post_accumulate_grad_hook"):
-                    p.register_post_accumulate_grad_hook(seen)
-                    watched.append(p)
-                    break
+        for g in groups:
+            p = next((p for p in g["params"] if p.requires_grad), None)
+            if p is not None and hasattr(p, "register_post_accumulate_grad_hook"):
+                p.register_post_accumulate_grad_hook(seen)
+                watched.append(p)
+
+    def _backward_seen(self) -> bool:
+        """Gradients from a backward pass since the last step of any optimizer, still there."""
+        return self._backward_epoch == _step_epoch[0] and \
+            any(p.grad is not None for p in self.__dict__.get("_watched", ()))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self._backward_seen = False  # gradients cleared: what came before is not pass 1
+        self._backward_epoch = -1
         super().zero_grad(set_to_none=set_to_none)
 
-    # ------------------------------------------------------------------ building blocks
+    def _ops(self):
+        return self._backend_module if hasattr(self._backend_module, "scale_") else \
+            _Shim(self._backend_module)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_optimizer={self.base_optimizer!r}, " \
+               f"backend={self.backend!r})"
+
+    # ------------------------------------------------------------------ the rules (defaults)
+    def _plan(self) -> Plan:
+        return TWO_PASS
+
+    def _stage(self, k: int, slots: List[GradSlots]) -> None:
+        raise NotImplementedError
+
+    def _combine(self, slots: List[GradSlots]) -> Tensors:
+        """Form the final gradient in the slots' grads (the last pass's gradients); returns
+        any further tensors that must be averaged with them under sync='none'."""
+        return []
+
+    def _after_base_step(self) -> None:
+        pass
+
+    def _from_seed(self, index: int, seed_state: Dict[str, Any]) -> Dict[str, Tuple[str, Any]]:
+        """Own state from a seed checkpoint's entry: {our key: (seed key, tensor)}."""
+        return {}
+
+    def set_closure(self, loss_fn: Callable[..., torch.Tensor], inputs: Any, targets: Any,
+                    **kwargs: Any) -> None:
+        """The seed GSAM's API: then ``outputs, loss = optimizer.step()`` runs every pass of
+        ``loss_fn(model(inputs), targets, **kwargs)``; call it for every batch."""
+        compat.set_closure(self, loss_fn, inputs, targets, **kwargs)
+
+    def _step_result(self, results: List[Any]) -> Any:
+        """What step(closure) returns: the first pass's result (the loss at w)."""
+        return next((r for r in results if r is not None), None)
+
+    # ------------------------------------------------------------------ the step
     @property
     def perturbed(self) -> bool:
-        """True between the perturbation and the restore of a step."""
+        """True while the weights are moved away from w (between the stages of a step)."""
         return self._perturbed is not None
 
-    def _ops(self):
-        """The primitives' backend module for this optimizer's parameters."""
-        return self._backend_module
+    def _ensure_plan(self) -> Plan:
+        """The plan of the step in progress, made (once) when the step starts: a failed step
+        undoes what making it changed (a criterion's draw, its decision)."""
+        if self._current is None:
+            self._check_groups()
+            self._begin_txn()
+            try:
+                plan = self._plan()
+            except BaseException:
+                self._abort()
+                raise
+            self._current, self._next = plan, 0
+        return self._current
 
-    def _slots_with_grads(self) -> List[GradSlots]:
-        """Per param group, the parameters that have a gradient now (dense, on one device)."""
-        slots = []
+    @torch.no_grad()
+    def _advance(self, k: int, zero_grad: bool) -> None:
+        """Stage k of the step (first_step() is 0): checks the call order, unscales the pass
+        that ran before it, runs the rule; a failure undoes the whole step."""
+        name = compat.STAGE_NAMES[k]
+        if k == 0:
+            self._require_between_steps(f"{name}()")
+        plan = self._ensure_plan()
+        if self._next != k or k >= len(plan.passes):
+            done = compat.STAGE_NAMES[self._next - 1] + "()" if self._next else "none"
+            order = " -> ".join(f"{n}()" for n in compat.STAGE_NAMES[:len(plan.passes)])
+            raise RuntimeError(f"{name}() was called out of order (last completed: {done})"
+                               + ("" if self._next else ", i.e. without a preceding "
+                                  "first_step()") + f"; this step of {type(self).__name__} "
+                               f"is {order}, each after its backward pass")
+        last = k == len(plan.passes) - 1
+        try:
+            if k == 0:
+                self._check_groups()  # a group may have changed since the plan was made
+            slots = self._slots() if plan.passes[k] or last else []
+            if plan.passes[k]:
+                self._consume_pass(slots)
+            self._will_zero = zero_grad and not last and plan.passes[k + 1]
+            if last:
+                self._finish(slots)
+            else:
+                self._stage(k, slots)
+                self._next = k + 1
+        except BaseException:
+            self._abort()
+            raise
+        if zero_grad and (last or plan.passes[k + 1]):
+            self.zero_grad()
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """The first stage, after the backward pass at w (or, where the plan has no pass at w,
+        before the step's only pass): typically move to w + e."""
+        self._advance(0, zero_grad)
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """The next stage; on a two-stage step: restore w exactly, form the final gradient,
+        take the base optimizer's step."""
+        self._advance(1, zero_grad)
+
+    def step(self, closure: Optional[Callable[[], Any]] = None, *args: Any,
+             **seed_kwargs: Any) -> Any:
+        """Run the whole step. ``closure`` zeroes the gradients, runs forward and backward and
+        returns the loss; it is called once per pass (torch's and Lightning's contract). If a
+        backward pass produced gradients since the last optimizer step (the seeds' loops:
+        ``loss.backward(); optimizer.step(closure)``), those are pass 1 and the closure runs
+        only for the later passes. Returns the loss at w (VaSSORe: at w + e)."""
+        compat.check_step_arguments(self, args, seed_kwargs)
+        closure = compat.resolve_closure(self, closure)
+        if closure is None:
+            return self._no_closure_step()
+        self._require_between_steps("step()")
+        self._in_step = True
+        given = self._backward_seen()
+        plan = self._ensure_plan()
+        try:
+            compat.check_given_pass(self, closure, given, plan)
+            if not given:
+                self.zero_grad()  # this optimizer's last gradients never leak into pass 1
+            results = []
+            for k, runs_pass in enumerate(plan.passes):
+                if runs_pass and not (k == 0 and given):
+                    with torch.enable_grad(), self.pass_context():
+                        results.append(closure())
+                else:
+                    results.append(None)
+                self._advance(k, zero_grad=k < len(plan.passes) - 1)
+        except BaseException:
+            self._abort()
+            raise
+        finally:
+            self._in_step = False
+        self._record_gap(results, plan)
+        return self._step_result(results)
+
+    def _no_closure_step(self) -> None:
+        """step() without any closure is an error, except from torch DCP's
+        `_init_optim_state` (zero gradients, learning rates 0): then the state is created
+        (`init_state`) and DCP's next call, state_dict(), refuses with what to use."""
+        if compat.called_from_dcp() == "_init_optim_state":
+            self.init_state()
+            return None
+        name = type(self).__name__
+        raise RuntimeError(f"{name}.step() was called without a closure and before "
+                           "set_closure(): it needs a closure that zeroes the gradients, runs "
+                           "the forward and backward pass and returns the loss, e.g. "
+                           "optimizer.step(closure); or call first_step() / second_step() "
+                           "around your own backward passes")
+
+    def _record_gap(self, results: List[Any], plan: Plan) -> None:
+        """last_surrogate_gap ← L(w + e) − L(w) when the step's first two stages both ran
+        the closure (the seeds' closures may return (outputs, loss)); stays on the device."""
+        self.last_surrogate_gap = None
+        if len(results) < 2 or results[0] is None or results[1] is None or \
+                not plan.passes[0] or not plan.passes[1]:
+            return
+        losses = [r[-1] if isinstance(r, (tuple, list)) and r else r for r in results[:2]]
+        if all(torch.is_tensor(x) and x.numel() == 1 for x in losses):
+            self.last_surrogate_gap = (losses[1].detach() - losses[0].detach()).reshape(())
+        elif all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in losses):
+            self.last_surrogate_gap = torch.tensor(float(losses[1]) - float(losses[0]))
+
+    @contextlib.contextmanager
+    def pass_context(self, freeze_bn: Optional[bool] = None):
+        """Wrap each forward+backward pass of a hand-written step in this (step(closure) does
+        it for you): DDP's ``no_sync`` for the passes whose gradients stay per rank,
+        BatchNorm running statistics frozen in every pass but the step's first (or as
+        ``freeze_bn`` says), and the step undone if the pass raises."""
+        plan = self._ensure_plan()
+        k = self._next
+        if k >= len(plan.passes) or not plan.passes[k]:
+            raise RuntimeError(
+                f"{type(self).__name__}: no forward-backward pass belongs here: this step "
+                f"takes {'one pass' if sum(plan.passes) == 1 else 'its passes'} at the points "
+                f"its stages set ({self._describe(plan)}); ask needs_perturbed_pass() / "
+                "needs_inner_pass() before running a pass")
+        last = not any(plan.passes[k + 1:])
+        per_rank = self.sync == "none" or (self.sync == "final" and not last)
+        freeze = self.model is not None and \
+            (any(plan.passes[:k]) if freeze_bn is None else freeze_bn)
+        try:
+            with self._dist.pass_context(per_rank=per_rank):
+                if freeze:
+                    bn.disable_running_stats(self.model)
+                try:
+                    yield
+                finally:
+                    if freeze:
+                        bn.enable_running_stats(self.model)
+        except BaseException:
+            self._abort()
+            raise
+        finally:
+            self._backward_epoch = -1  # that backward was one of this step's passes
+
+    @staticmethod
+    def _describe(plan: Plan) -> str:
+        return " -> ".join(("pass, " if p else "") + f"{n}()"
+                           for p, n in zip(plan.passes, compat.STAGE_NAMES))
+
+    def needs_perturbed_pass(self) -> bool:
+        """Whether the step in progress (or about to start) runs a pass after first_step()."""
+        plan = self._ensure_plan()
+        return len(plan.passes) > 1 and plan.passes[1]
+
+    def needs_inner_pass(self) -> bool:
+        """Whether the step in progress (or about to start) computes the gradient at w (a
+        pass before first_step()); taken once per step."""
+        return self._ensure_plan().passes[0]
+
+    def _require_between_steps(self, what: str) -> None:
+        if self._perturbed is not None or (self._current is not None and self._next > 0):
+            raise RuntimeError(f"{what} was called while the weights are perturbed (a step "
+                               "is in progress: after first_step and before its last stage); "
+                               "call second_step() first")
+
+    # ------------------------------------------------------------------ building blocks
+    def _slots(self, tensors: Optional[Callable[[torch.Tensor], Any]] = None
+               ) -> List[GradSlots]:
+        """Per param group, the parameters with a gradient (or with `tensors(p)` not None)."""
         local_grad = self._dist.local_grad if self._dist.sharded else None
-        for group in self.param_groups:
-            params, grads = [], []
-            for p in group["params"]:
-                g = p.grad
-                if g is None:
+        slots = []
+        for g in self.param_groups:
+            params, ts = [], []
+            for p in g["params"]:
+                t = tensors(p) if tensors is not None else p.grad
+                if t is None:
                     continue
-                if g.is_sparse:
+                if t.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse "
                                        "gradients (e.g. nn.Embedding(sparse=True))")
                 params.append(p)
-                grads.append(g if local_grad is None else local_grad(p))
+                ts.append(t if tensors is not None or local_grad is None else local_grad(p))
             if params:
-                slots.append(GradSlots(group, params, grads, self._locals(params)))
+                slots.append(GradSlots(g, params, ts, self._locals(params)))
         return slots
 
     def _locals(self, params: Tensors) -> Tensors:
-        """The tensors the kernels write for `params`: themselves, or their local shards."""
         if not self._dist.sharded:
             return params
         return [self._dist.local(p) for p in params]
 
     def _global_sum(self, t: torch.Tensor) -> torch.Tensor:
-        """Per-rank partial sums over the parameters (norms, dot products: put the scalars
-        needed at one point in one tensor) → sums over every whole parameter, in place: one
-        all-reduce over the shard group when the parameters are sharded, else nothing."""
+        """Per-rank partial sums → sums over every whole parameter (one all-reduce of a small
+        tensor when the parameters are sharded)."""
         return self._dist.global_sum_(t)
 
-    def _weighted_sum_sq(self, slots: List[GradSlots], dirs: Optional[List[Tensors]] = None
-                         ) -> torch.Tensor:
-        """Σ over all slots of ‖T ⊙ d‖² with T = |w| + eta in adaptive groups, else 1.
+    def _zeros(self) -> torch.Tensor:
+        return torch.zeros((), dtype=torch.float64, device=self._device or "cpu")
 
-        `dirs` defaults to the gradients. Slots sharing (adaptive, eta) go in one kernel."""
+    @staticmethod
+    def _perturbing(slots: List[GradSlots]) -> List[GradSlots]:
+        """The slots of groups that take part in the perturbation: a group with
+        ``perturb=False`` (SAM-ON's, see sam_on.py) is left out of the norm and of e."""
+        return [s for s in slots if s.group.get("perturb", True)]
+
+    def _weighted_sum_sq(self, slots: List[GradSlots], dirs: Optional[List[Tensors]] = None,
+                         adaptive: bool = True) -> torch.Tensor:
+        """Σ over the perturbing slots of ‖T ⊙ d‖², T = |w| + eta in adaptive groups, else 1
+        (d: the slots' grads by default), summed over shards; one kernel per (adaptive, eta)."""
         dirs = dirs if dirs is not None else [s.grads for s in slots]
+        kept = [(s, d) for s, d in zip(slots, dirs) if s.group.get("perturb", True)]
+        slots, dirs = [s for s, _ in kept], [d for _, d in kept]
         buckets: Dict[Tuple[bool, float], Tuple[Tensors, Tensors]] = defaultdict(lambda: ([], []))
         for s, d in zip(slots, dirs):
-            adaptive = bool(s.group["adaptive"])
-            key = (adaptive, float(s.group["eta"]) if adaptive else 0.0)
+            ada = adaptive and bool(s.group.get("adaptive", False))
+            key = (ada, float(s.group.get("eta", 0.0)) if ada else 0.0)
             buckets[key][0].extend(d)
-            if adaptive:
-                buckets[key][1].extend(self._slot_locals(s))
-        backend = self._ops()
-        total = None
-        for (adaptive, eta), (xs, ws) in buckets.items():
-            part = backend.sum_sq(xs, ws, eta)
-            total = part if total is None else total + part
-        if total is None:
-            total = torch.zeros((), device=self._device)
+            if ada:
+                buckets[key][1].extend(s.locals)
+        total = self._zeros()
+        for (ada, eta), (xs, ws) in buckets.items():
+            total = total + self._ops().sum_sq(xs, ws, eta)
         return self._global_sum(total)
 
-    def _slot_locals(self, s: GradSlots) -> Tensors:
-        return s.locals if s.locals is not None else self._locals(s.params)
-
     @torch.no_grad()
-    def _perturb(self, slots: List[GradSlots], sum_sq: torch.Tensor, eps: float,
+    def _perturb(self, slots: List[GradSlots], sum_sq: torch.Tensor,
                  dirs: Optional[List[Tensors]] = None, rho: Optional[float] = None,
-                 keep_backup: bool = True) -> None:
-        """w ← w + ρ/(√sum_sq + eps) · T² · d for every slot (d defaults to the gradients; ρ to
-        each group's 'rho'), first copying w into persistent backup buffers when keep_backup.
-        Slots sharing (ρ, adaptive, eta) go in one kernel."""
+                 sign: float = 1.0, keep_backup: bool = True) -> None:
+        """w ← w + sign·ρ/(√sum_sq + eps) · T² · d for every slot (d: the slots' grads; ρ: each
+        group's 'rho'), first copying w into persistent backups (the exact restore). One
+        kernel per (ρ, adaptive, eta)."""
         self._note_nonfinite(sum_sq)
         dirs = dirs if dirs is not None else [s.grads for s in slots]
-        buckets: Dict[Tuple[float, bool, float], Tuple[Tensors, Tensors, Tensors]] = \
-            defaultdict(lambda: ([], [], []))
+        kept = [(s, d) for s, d in zip(slots, dirs) if s.group.get("perturb", True)]
+        slots, dirs = [s for s, _ in kept], [d for _, d in kept]
+        buckets: Dict[tuple, Tuple[Tensors, Tensors, Tensors]] = defaultdict(lambda: ([], [], []))
         for s, d in zip(slots, dirs):
-            adaptive = bool(s.group["adaptive"])
-            key = (float(s.group["rho"] if rho is None else rho), adaptive,
-                   float(s.group["eta"]) if adaptive else 0.0)
+            ada = bool(s.group.get("adaptive", False))
+            key = (sign * float(s.group["rho"] if rho is None else rho), ada,
+                   float(s.group.get("eta", 0.0)) if ada else 0.0)
             buckets[key][0].extend(s.params)
-            buckets[key][1].extend(self._slot_locals(s))
+            buckets[key][1].extend(s.locals)
             buckets[key][2].extend(d)
-        backend = self._ops()
-        perturbed_params, backups = [], []
+        moved, backups = [], []
         try:
-            for (r, adaptive, eta), (keys, params, ds) in buckets.items():
-                bufs = self._backups_for(keys, params) if keep_backup else []
-                try:
-                    backend.perturb_(params, ds, sum_sq, r, eps, adaptive, eta, bufs)
-                except ValueError:
-                    # A parameter's .data was replaced (new shape/dtype/layout) since the
-                    # buffers were cached; the kernels validate before writing, so rebuild and
-                    # retry once.
-                    if not keep_backup:
-                        raise
-                    self._backup_lists.clear()
-                    bufs = self._backups_for(keys, params)
-                    backend.perturb_(params, ds, sum_sq, r, eps, adaptive, eta, bufs)
-                perturbed_params.extend(params)
+            for (r, ada, eta), (keys, params, ds) in buckets.items():
+                bufs = self._backups(keys, params) if keep_backup else []
+                self._ops().perturb_(params, ds, sum_sq, r, self.eps, ada, eta, bufs)
+                moved.extend(params)
                 backups.extend(bufs)
         except BaseException:
-            # a later bucket failed: the earlier ones are moved already, put them back
-            if keep_backup and perturbed_params:
-                backend.restore_(perturbed_params, backups)
+            if moved and keep_backup:  # a later bucket failed: put the earlier ones back
+                self._ops().restore_(moved, backups)
             raise
         if keep_backup:
-            self._perturbed = (perturbed_params, backups)
+            self._perturbed = (moved, backups)
 
-    def _perturb_keeping_grads(self, name: str, rho: float, eps: float) -> Tensors:
-        """The first step of the algorithms that need the gradient at w again later (GSAM,
-        GAM): copy it into the persistent buffers `name`, then move to w + e along it with
-        radius `rho`. Returns the parameters that had a gradient."""
-        slots = self._slots_with_grads()
-        self._unscale_grads()
-        params = self._keep_grads(name, slots)
-        self._perturb(slots, self._weighted_sum_sq(slots), eps, rho=rho)
-        return params
-
-    def _keep_grads(self, name: str, slots: List[GradSlots]) -> Tensors:
-        """Copy the gradients of `slots` into the persistent buffers `name` (one fused copy);
-        returns the parameters they belong to."""
-        params = [p for s in slots for p in s.params]
-        grads = [g for s in slots for g in s.grads]
-        torch._foreach_copy_(self._scratch(name, params, grads), grads)
-        return params
-
-    def _backups_for(self, keys: Tensors, params: Tensors) -> Tensors:
-        """The persistent backup buffers of the parameters `keys` (shaped like `params`, their
-        local tensors), as one list cached per parameter list: checking every buffer each step
-        costs more host time than the copy itself on lists of thousands of small tensors."""
+    def _backups(self, keys: Tensors, params: Tensors) -> Tensors:
+        """The persistent backup buffers of `keys` (shaped like `params`), one cached list per
+        parameter list (checking each buffer per step costs more host time than the copy on
+        thousands of small tensors); rebuilt when a parameter's .data changed."""
+        cache = self._caches.setdefault("backup_lists", {})
         key = tuple(map(id, keys))
-        bufs = self._backup_lists.get(key)
-        if bufs is None:
-            bufs = self._scratch("backup", keys, params)
-            self._backup_lists[key] = bufs
+        bufs = cache.get(key)
+        if bufs is None or any(b.shape != p.shape or b.dtype != p.dtype or
+                               b.stride() != p.stride() for b, p in zip(bufs, params)):
+            store = self._caches.setdefault("backup", {})
+            bufs = []
+            for k, p in zip(keys, params):
+                b = store.get(k)
+                if b is None or b.shape != p.shape or b.dtype != p.dtype or \
+                        b.stride() != p.stride() or b.device != p.device:
+                    b = store[k] = torch.empty_like(p, memory_format=torch.preserve_format)
+                bufs.append(b)
+            cache[key] = bufs
         return bufs
 
     @torch.no_grad()
     def _restore(self) -> None:
-        """Copy the kept weights back, exactly, into every perturbed parameter."""
-        params, backups = self._perturbed
-        if params:
-            self._ops().restore_(params, backups)
-        self._perturbed = None
-
-    def _require_unperturbed(self, what: str) -> None:
+        """Copy the kept weights back, exactly."""
         if self._perturbed is not None:
-            raise RuntimeError(f"{what} was called while the weights are perturbed (after "
-                               "first_step and before second_step); call second_step() first")
+            params, backups = self._perturbed
+            if params:
+                self._ops().restore_(params, backups)
+            self._perturbed = None
 
-    def _require_perturbed(self, what: str) -> None:
-        if self._perturbed is None:
-            raise RuntimeError(f"{what} was called without a preceding first_step(); the step "
-                               "order is first_step() -> backward at w+e -> second_step()")
+    def _keep(self, slots: List[GradSlots], steal: bool = True, name: str = "kept") -> Tensors:
+        """The gradients of the pass that just ran, owned by the step from now on: the
+        gradient tensors themselves when the step zeroes them next anyway (p.grad is released;
+        no copy), else copies in persistent buffers `name`. A rule may overwrite them and
+        stage them as state (a buffer staged as state is replaced in the cache by the state
+        tensor it supersedes: double buffering)."""
+        grads = [g for s in slots for g in s.grads]
+        params = [p for s in slots for p in s.params]
+        if steal and self._will_zero and not self._dist.sharded and \
+                all(g._base is None and p.grad is g for p, g in zip(params, grads)):
+            for p in params:
+                p.grad = None
+            return grads
+        return self._copies(name, params, grads)
 
-    def _require_closure(self, closure: Optional[Callable], cls_name: str) -> Callable:
-        """`closure` wrapped so that every call runs as one pass of this step: with gradients
-        enabled, under DDP's `no_sync` where the algorithm keeps per-rank gradients, and with
-        the step undone (weights restored) if it raises. lk-eg's two-argument closure is
-        accepted; other closures that need arguments raise with the fix."""
-        closure = adapt_closure(closure, cls_name)
-        if closure is None:
-            raise RuntimeError(
-                f"{cls_name}.step() needs a closure that zeroes the gradients, runs the forward "
-                "and backward pass and returns the loss, e.g. optimizer.step(closure); or call "
-                "first_step() / second_step() around your own backward passes")
-        if self._backward_seen and self._perturbed is None and \
-                any(p.grad is not None for p in self._watched):
-            raise RuntimeError(
-                f"{cls_name}.step(closure) found gradients from a backward pass run since the "
-                "last step: step(closure) runs the closure for every pass itself (pass 1 at w "
-                "included), so a loop that calls loss.backward() before step(closure) (the "
-                "davda54/sam README pattern) would run 3 forward-backward passes per step and "
-                "update BatchNorm statistics twice. Drop that first backward (the closure does "
-                "it), or keep it and call first_step(zero_grad=True) / backward at w + e / "
-                "second_step() instead; optimizer.zero_grad() before step(closure) discards "
-                "those gradients")
+    def _copies(self, name: str, params: Tensors, tensors: Tensors) -> Tensors:
+        """Copies of `tensors` in the persistent buffers `name` (see _keep)."""
+        copies = self._scratch(name, params, tensors)
+        if copies:
+            self._ops().restore_(copies, tensors)
+        origin = self._txn.setdefault("cached", {})
+        for c in copies:
+            origin[id(c)] = name
+        return copies
 
-        def one_pass():
+    def _scratch(self, name: str, params: Tensors, like: Tensors) -> Tensors:
+        """Persistent buffers `name`, one per parameter, shaped like `like` (reallocated only
+        when that shape, dtype or layout changes): copies without a per-step allocation."""
+        store = self._caches.setdefault(name, {})
+        out = []
+        for p, t in zip(params, like):
+            b = store.get(p)
+            if b is None or b.shape != t.shape or b.dtype != t.dtype or \
+                    b.stride() != t.stride() or b.device != t.device:
+                b = store[p] = torch.empty_like(t, memory_format=torch.preserve_format)
+            out.append(b)
+        return out
+
+    def _put_state(self, p: torch.Tensor, key: str, value: Optional[torch.Tensor]) -> None:
+        """state[p][key] ← value (None: removed) when the step commits."""
+        self._txn["state"].append((p, key, value))
+
+    def _scale(self, xs: Tensors, factor: torch.Tensor) -> None:
+        if xs:
+            self._ops().scale_(xs, factor)
+
+    # ------------------------------------------------------------------ passes and the end
+    def _consume_pass(self, slots: List[GradSlots]) -> None:
+        """Once per pass, before a rule reads its gradients: GradScaler unscale (and its inf
+        flag), maximize (the rule works on −g; the final gradient is turned back)."""
+        if self._amp():
+            views = self.__dict__.setdefault("_scaler_views", [])
+            while len(views) <= self._unscaled:
+                views.append(_ScalerPass(self))
             try:
-                with torch.enable_grad(), self._pass_sync(), self._abort_on_error():
-                    return closure()
-            finally:
-                self._backward_seen = False  # that backward was one of this step's passes
-        return one_pass
+                self.grad_scaler.unscale_(views[self._unscaled])
+            except RuntimeError as exc:
+                if "already been called" not in str(exc):
+                    raise
+                raise RuntimeError(f"{type(self).__name__}: the GradScaler already unscaled "
+                                   "this pass's gradients; call scaler.update() once after "
+                                   "every optimizer step (and never scaler.step(optimizer): "
+                                   "the optimizer steps itself with grad_scaler=)") from exc
+            self._unscaled += 1
+        self._negate_maximized(slots)
 
-    @contextlib.contextmanager
-    def pass_context(self, freeze_bn: Optional[bool] = None):
-        """Wrap each forward+backward pass of a hand-written step (first_step/second_step) in
-        this; `step(closure)` does it for you. It applies what `model=` asks for:
+    def _negate_maximized(self, slots: List[GradSlots]) -> None:
+        flipped = [g for s in slots if s.group.get("maximize", False) for g in s.grads]
+        if flipped:
+            self._scale(flipped, torch.tensor(-1.0, device=flipped[0].device))
 
-        - DDP (`model` is DistributedDataParallel): `model.no_sync()` for the passes whose
-          gradients stay per-rank — pass 1 of every algorithm, and every pass of those that
-          average their final gradient themselves (GSAM, GAM);
-        - BatchNorm running statistics frozen at perturbed weights (`freeze_bn=None`), or as
-          `freeze_bn` says;
-        - on an exception the weights are restored and the step abandoned.
-        """
-        freeze = self.model is not None and (self.perturbed if freeze_bn is None else freeze_bn)
-        with self._pass_sync(), self._abort_on_error():
-            if freeze:
-                bn.disable_running_stats(self.model)
-            try:
-                yield
-            finally:
-                self._backward_seen = False  # that backward was one of this step's passes
-                if freeze:
-                    bn.enable_running_stats(self.model)
-
-    def _perturbed_pass(self, freeze_bn: bool = True):
-        """Context of a forward/backward at perturbed weights: BatchNorm running statistics
-        frozen when `model` was given (and `freeze_bn`: a step whose only forward pass is this
-        one may let it update them); on an exception the weights are restored first."""
-        return self.pass_context(freeze_bn=freeze_bn)
-
-    def _pass_sync(self):
-        """DDP's `no_sync()` for a pass whose gradients stay per-rank, else nothing (the
-        strategy decides: sharded training synchronises every pass)."""
-        return self._dist.pass_context(per_rank=self._pass_is_per_rank())
-
-    def _pass_is_per_rank(self) -> bool:
-        """Whether the pass about to run keeps per-rank gradients under DDP: the final pass of
-        SAM/ASAM/VaSSO (at w + e) is averaged by DDP, every other pass is per rank; algorithms
-        whose step has one pass, or that need every pass averaged, say so here."""
-        return not self.perturbed or self._reduce_final_grads
-
-    @contextlib.contextmanager
-    def _abort_on_error(self):
-        try:
-            yield
-        except BaseException:
-            self._abort_step()
-            raise
-
-    def _abort_step(self) -> None:
-        """Undo a step that failed midway: exact weights back, guarded state back."""
-        if self._perturbed is not None:
-            self._restore()
-        if self._amp_snapshot is not None:
-            self._rollback_guarded_state()
-        self._amp_passes = 0
-        self._nonfinite_flags = []
-        self._backward_seen = False
-
-    # ------------------------------------------------------------------ end of a step
-    @torch.no_grad()
-    def _base_step(self) -> None:
-        """The end of every step, once the final gradient is in `p.grad` and w is restored
-        (and, for `_reduce_final_grads` algorithms, averaged over DDP ranks): clip it to
-        `max_grad_norm`, skip the update if a GradScaler pass found inf/NaN, else step the
-        base optimizer."""
+    def _finish(self, slots: List[GradSlots]) -> None:
+        """The last stage: combine, restore w, average (sync='none'), negate back (maximize),
+        clip, decide the skip, step the base optimizer, commit."""
+        extra = self._combine(slots)
+        self._restore()
+        grads = [g for s in slots for g in s.grads]
+        if self.sync == "none":
+            self._dist.average_grads_(grads + list(extra),
+                                      mean=getattr(self, "grad_reduce", "mean") == "mean")
+        self._negate_maximized(slots)
         if self.max_grad_norm is not None or self.skip_nonfinite:
-            self._final_grad_checks()
-        # LR schedulers attached to this object (or the base) watch for a call of step();
-        # first_step/second_step loops and skipped steps count as one (davda54/sam #28)
+            sum_sq = self._global_sum(self._ops().sum_sq(grads, [], 0.0) if grads
+                                      else self._zeros())
+            self._note_nonfinite(sum_sq)
+            if self.max_grad_norm is not None:
+                norm = sum_sq.sqrt()
+                self.last_grad_norm = norm
+                if grads:
+                    self._scale(grads, torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0))
         self._opt_called = True
         self.base_optimizer._opt_called = True
-        self._backward_seen = False
-        found_inf = self._found_inf()
-        self._amp_passes = 0
-        if found_inf is not None:
-            self.skipped_steps = found_inf.clone() if self.skipped_steps is None else \
-                self.skipped_steps + found_inf
-        if found_inf is None:
-            self._amp_snapshot = None
-            self.base_optimizer.step()
-        elif getattr(self.base_optimizer, "_step_supports_amp_scaling", False) and \
-                self._amp_snapshot is None:
-            # torch's fused optimizers skip on the device flag: no host read at all
-            base = self.base_optimizer
-            base.found_inf = found_inf
+        found = self._found_inf()
+        plan = self._current
+        if found is not None:
+            self.skipped_steps = found.clone() if self.skipped_steps is None else \
+                self.skipped_steps + found
+        manual = not getattr(self, "_in_step", False)
+        if manual:  # first_step()/second_step() loops: the step hooks fire here, once
+            _fire(self, _torch_optimizer._global_optimizer_pre_hooks,
+                  self._optimizer_step_pre_hooks)
+        if found is not None and not (self._txn["state"] or self._rule_vars or
+                                     self._exact_counters) and \
+                getattr(self.base_optimizer, "_step_supports_amp_scaling", False):
+            # torch's fused optimizers skip on the device flag: no host read at all (the
+            # counters then count the skipped step too)
+            self.base_optimizer.found_inf = found
             try:
-                base.step()
+                self._base_step()
             finally:
-                del base.found_inf
-        elif found_inf.item():  # the one host read GradScaler.step() makes as well
-            self._rollback_guarded_state()
+                del self.base_optimizer.found_inf
+        elif found is not None and bool(found.item()):  # GradScaler.step() reads it too
+            self._set_vars(self._txn["vars"])  # skipped: put everything back
+            self._end_step()
         else:
-            self._amp_snapshot = None
-            self.base_optimizer.step()
+            self._base_step()
+            self._after_base_step()
+        if self._current is not None:
+            self.steps += 1
+            self.inner_steps += int(plan.inner)
+            self._commit()
+        if manual:
+            _fire(self, self._optimizer_step_post_hooks,
+                  _torch_optimizer._global_optimizer_post_hooks)
 
-    def _final_grad_checks(self) -> None:
-        """One fused norm of the final gradients, for both of: clipping them,
-        g ← g · min(1, max_grad_norm / (‖g‖ + 1e-6)) as torch.nn.utils.clip_grad_norm_ (the
-        factor stays on the device), and skip_nonfinite's check of the last pass."""
-        grads = [g for s in self._slots_with_grads() for g in s.grads]
-        # computed (and reduced) even when this rank has no gradient: an FSDP rank whose shards
-        # are all empty still takes part in the all-reduce
-        sum_sq = self._global_sum(self._ops().sum_sq(grads, [], 0.0) if grads else
-                                  torch.zeros((), device=self._device))
-        self._note_nonfinite(sum_sq)
-        if self.max_grad_norm is not None:
-            norm = sum_sq.sqrt()
-            self.last_grad_norm = norm
-            factor = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
-            torch._foreach_mul_(grads, factor)
+    def _base_step(self) -> None:
+        """The base optimizer's step, with its own hooks but not torch's global step hooks:
+        those fire once per step, for this optimizer."""
+        base = self.base_optimizer
+        raw = getattr(type(base).step, "__wrapped__", None)
+        if raw is None or not getattr(type(base).step, "hooked", False):
+            base.step()
+            return
+        for hook in list(base._optimizer_step_pre_hooks.values()):
+            hook(base, (base,), {})
+        raw(base)
+        for hook in list(base._optimizer_step_post_hooks.values()):
+            hook(base, (base,), {})
 
-    def _note_nonfinite(self, sum_sq: torch.Tensor) -> None:
-        """With skip_nonfinite: record (on the device) whether a pass's norm is inf/NaN — the
-        norm of a list is finite exactly when every element is (the kernels accumulate so
-        that finite values do not overflow)."""
-        if self.skip_nonfinite:
-            flag = (~torch.isfinite(sum_sq)).to(torch.float32)
-            self._nonfinite_flags = self._nonfinite_flags + [flag]
-
-    # ------------------------------------------------------------------ GradScaler
-    def _amp_enabled(self) -> bool:
+    # ------------------------------------------------------------------ skip decisions
+    def _amp(self) -> bool:
         return self.grad_scaler is not None and self.grad_scaler.is_enabled()
 
-    def _guarding(self) -> bool:
-        """Whether a step may be skipped (GradScaler or skip_nonfinite), so the state it
-        changes before the decision must be kept to be put back."""
-        return self._amp_enabled() or self.skip_nonfinite
-
-    def _unscale_grads(self) -> None:
-        """With a GradScaler: unscale the gradients of the pass that just ran, in place, and
-        record whether they hold inf/NaN. Call it once per pass, first thing in each method
-        that reads that pass's gradients (after its argument checks)."""
-        if self.skip_nonfinite and self._amp_snapshot is None:
-            self._snapshot_guarded_state()  # idempotent until the step ends
-        if not self._amp_enabled():
-            return
-        if self._amp_passes == 0 and self._amp_snapshot is None:
-            self._snapshot_guarded_state()
-        while len(self._amp_views) <= self._amp_passes:
-            self._amp_views.append(_ScalerPass(self))
-        # GradScaler allows one unscale_ per optimizer and iteration; each pass of a step is
-        # registered under its own key, and update() backs off if any of them found inf/NaN
-        try:
-            self.grad_scaler.unscale_(self._amp_views[self._amp_passes])
-        except BaseException as exc:
-            self._abort_step()
-            if "already been called" not in str(exc):
-                raise
-            raise RuntimeError(f"{type(self).__name__}: the GradScaler already unscaled this "
-                               "pass's gradients; call scaler.update() once after every "
-                               "optimizer step (and never scaler.step(optimizer): the "
-                               "optimizer steps itself with grad_scaler=)") from exc
-        self._amp_passes += 1
+    def _note_nonfinite(self, sum_sq: torch.Tensor) -> None:
+        """skip_nonfinite: a norm is finite exactly when every element is (the kernels
+        accumulate so that finite values do not overflow)."""
+        if self.skip_nonfinite:
+            self._flags = tuple(self._flags) + ((~torch.isfinite(sum_sq)).to(torch.float32),)
 
     def _found_inf(self) -> Optional[torch.Tensor]:
-        """1.0 if any pass of this step had inf/NaN gradients, else 0.0 (a device tensor), or
-        None without a GradScaler and without skip_nonfinite."""
-        if not self._guarding():
+        """1.0 if any pass had inf/NaN gradients, else 0.0 (device tensor); None when neither
+        a GradScaler nor skip_nonfinite guards the step."""
+        if not (self._amp() or self.skip_nonfinite):
             return None
         flags: Tensors = []
-        if self._amp_enabled():
-            if self._amp_passes == 0:
-                raise RuntimeError(f"{type(self).__name__} has a GradScaler but no pass of "
-                                   "this step was unscaled; its step methods must call "
-                                   "_unscale_grads() for each pass")
-            flags = [t for view in self._amp_views[:self._amp_passes]
-                     for t in self.grad_scaler._found_inf_per_device(view).values()]
-        flags, self._nonfinite_flags = flags + self._nonfinite_flags, []
-        # fused optimizers compare the flag with 1 exactly
+        if self._amp():
+            views = self.__dict__.get("_scaler_views", [])[:self._unscaled]
+            flags = [t for v in views
+                     for t in self.grad_scaler._found_inf_per_device(v).values()]
+        flags += list(self._flags)
         found = torch.clamp(torch.stack(flags).sum(), max=1.0) if flags else \
-            torch.zeros((), device=self._device)  # no gradients at all (on this rank)
-        if not self._dist.flags_agree(self.grad_scaler if self._amp_enabled() else None):
-            # a pass that ran per rank (DDP), or a shard's own check (FSDP1 with a plain
-            # GradScaler): an inf on one rank must skip the step on every rank, and back off
-            # every rank's scale alike (update() reads the recorded flags)
+            torch.zeros((), device=self._device or "cpu")
+        if not self._dist.flags_agree(self.grad_scaler if self._amp() else None):
+            # a pass that ran per rank: an inf on one rank skips the step everywhere, and the
+            # scales back off alike (update() reads the recorded flags)
             found = self._dist.any_(found)
             if flags:
                 flags[0].copy_(found)
         return found
 
-    def _snapshot_guarded_state(self) -> None:
-        """With a GradScaler: copy what a skipped step must put back (`_amp_guarded_state`
-        tensors and `_extra_state()`). Taken automatically when the first pass of a step is
-        unscaled; a subclass that changes state earlier in a step (e.g. a decision taken
-        before pass 1) calls it first. Idempotent until the step ends."""
-        if not self._guarding() or not self._amp_guarded_state or \
-                self._amp_snapshot is not None:
-            return
-        present = [(s, key) for s in self.state.values() for key in self._amp_guarded_state
-                   if key in s]
-        live = [s[key] for s, key in present]
-        copies = self._scratch("amp_snapshot", live, live)  # keyed by the state tensors
-        if live:
-            self._ops().restore_(copies, live)  # copies ← live, one fused pass
-        self._amp_snapshot = (present, copies, copy.deepcopy(self._extra_state()))
+    # ------------------------------------------------------------------ the transaction
+    def _vars(self) -> Dict[str, Any]:
+        """The rule's host state (references: rules replace these values, never mutate)."""
+        return {name: getattr(self, name) for name in ("steps", "inner_steps") + self._rule_vars}
 
-    def _rollback_guarded_state(self) -> None:
-        if self._amp_snapshot is not None:
-            present, copies, extra = self._amp_snapshot
-            if present:
-                self._ops().restore_([s[key] for s, key in present], copies)
-            kept = {(id(s), key) for s, key in present}
-            for s in self.state.values():  # state the skipped step created goes away
-                for key in self._amp_guarded_state:
-                    if key in s and (id(s), key) not in kept:
-                        del s[key]
-            self._load_extra_state(extra)
-        self._amp_snapshot = None
+    def _set_vars(self, values: Dict[str, Any]) -> None:
+        for name, value in values.items():
+            setattr(self, name, value)
 
-    # ------------------------------------------------------------------ checkpointing
+    def _begin_txn(self) -> None:
+        self._txn = {"vars": self._vars(), "state": []}
+        self._held = {}
+
+    def _commit(self) -> None:
+        origin = self._txn.get("cached", {})
+        for p, key, value in self._txn["state"]:
+            old = self.state[p].pop(key, None)
+            if value is not None:
+                self.state[p][key] = value
+                name = origin.get(id(value))
+                if name is not None:  # the superseded tensor becomes the next scratch
+                    for cache, other in self._caches.items():
+                        if cache not in ("backup", "backup_lists") and other.get(p) is old:
+                            other.pop(p)
+                    store = self._caches[name]
+                    store[p] = old if old is not None and old is not value else \
+                        torch.empty_like(value, memory_format=torch.preserve_format)
+        self._end_step()
+
+    def _abort(self) -> None:
+        """Undo the step in progress: weights back exactly, staged state dropped, the rule's
+        host state and counters back."""
+        self._restore()
+        if self._txn is not None:
+            self._set_vars(self._txn["vars"])
+        self._end_step()
+
+    def _end_step(self) -> None:
+        self._txn = self._current = self._held = None
+        self._next, self._unscaled, self._flags = 0, 0, ()
+        self._will_zero = False
+
+    # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> Dict[str, Any]:
-        """The base optimizer's state dict plus this optimizer's own persistent state under
-        'sam' (momentum and the like survive a resume; davda54/sam #73)."""
-        _refuse_dcp("get_optimizer_state_dict")
-        self._require_unperturbed("state_dict()")
+        """The base optimizer's state dict plus this optimizer's own state under 'sam'
+        (per-parameter state by parameter index, and `_extra_state()`). torch's state-dict
+        hooks registered on this optimizer fire as for any optimizer."""
+        compat.refuse_dcp("get_optimizer_state_dict")
+        self._require_between_steps("state_dict()")
+        for hook in list(self._optimizer_state_dict_pre_hooks.values()):
+            hook(self)
         sd = self.base_optimizer.state_dict()
-        index = {id(p): i for i, p in enumerate(_all_params(self.param_groups))}
-        own = {index[id(p)]: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
-               for p, s in self.state.items() if s and id(p) in index}
-        sd["sam"] = {"state": own, "extra": self._extra_state()}
+        index = {p: i for i, p in enumerate(_all_params(self.param_groups))}
+        own = {index[p]: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
+               for p, s in self.state.items() if s and p in index}
+        sd["sam"] = {"algorithm": type(self).__name__, "state": own,
+                     "extra": copy.deepcopy(self._extra_state())}
+        for hook in list(self._optimizer_state_dict_post_hooks.values()):
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Ours (see state_dict), a base optimizer's (our group keys filled in), or a seed's
-        checkpoint of this algorithm family (converted, with a warning; see seed_compat)."""
-        _refuse_dcp("set_optimizer_state_dict")
-        self._require_unperturbed("load_state_dict()")
-        state_dict = dict(convert_seed_state_dict(self, state_dict, self._from_seed))
+        """Ours (see state_dict), a base optimizer's, or a seed's checkpoint of this algorithm
+        (converted, with a warning); another algorithm's is refused, loading nothing."""
+        compat.refuse_dcp("set_optimizer_state_dict")
+        self._require_between_steps("load_state_dict()")
+        for hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        state_dict = dict(compat.convert_state_dict(self, state_dict))
         own = state_dict.pop("sam", {"state": {}, "extra": {}})
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups  # torch builds new group dicts
@@ -695,71 +867,107 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             self.state[p] = {k: (v.to(device=p.device, copy=True) if torch.is_tensor(v) else v)
                              for k, v in s.items()}
         self._load_extra_state(own["extra"])
+        for hook in list(self._optimizer_load_state_dict_post_hooks.values()):
+            hook(self)
 
     def _extra_state(self) -> Dict[str, Any]:
-        """Non-tensor-per-parameter state (step counters, schedulers); for subclasses."""
-        return {}
-
-    #: 'sam', 'gsam', 'gam' or 'vasso': which seeds' checkpoints load_state_dict converts
-    _seed_family: Optional[str] = None
-
-    def _from_seed(self, index: int, seed_state: Dict[str, Any]) -> Dict[str, Tuple[str, Any]]:
-        """Our per-parameter persistent state from a seed's: {our key: (seed key, tensor)}."""
-        return {}
+        """Checkpointed host state: the counters and the rule's `_rule_vars`."""
+        return self._vars()
 
     def _load_extra_state(self, extra: Dict[str, Any]) -> None:
-        pass
+        self._end_step()
+        values = self._vars()
+        values.update({k: v for k, v in extra.items() if k in values})
+        values["steps"], values["inner_steps"] = int(values["steps"]), int(values["inner_steps"])
+        self._set_vars(values)
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(base_optimizer={self.base_optimizer!r}, " \
-               f"backend={self.backend!r})"
+    def _own_state_like(self, p: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The per-parameter state this algorithm keeps for `p` once it has stepped (zeros of
+        the right shape): what `init_state()` creates for a checkpoint template."""
+        return {}
 
-    # ------------------------------------------------------------------ scratch buffers, DDP
-    # (added with GSAM/GAM: gradients kept across passes; per-rank gradients averaged once)
-    def _scratch(self, name: str, params: Tensors, like: Optional[Tensors] = None) -> Tensors:
-        """Persistent buffers, one per parameter of `params` (the key: local shard views are
-        new objects on every call) and one set per `name` (e.g. a kept gradient), shaped like
-        `like` (default: the parameters' local tensors); reallocated only when that shape,
-        dtype or layout changes."""
-        store = self.__dict__.setdefault("_scratch_buffers", {}).setdefault(name, {})
-        like = self._locals(params) if like is None else like
-        bufs = []
-        for p, t in zip(params, like):
-            buf = store.get(p)
-            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or \
-                    buf.device != t.device or buf.stride() != t.stride():
-                buf = torch.empty_like(t, memory_format=torch.preserve_format)
-                store[p] = buf
-            bufs.append(buf)
-        return bufs
+    def init_state(self) -> None:
+        """Create every piece of state a checkpoint of this optimizer holds, without a step:
+        the base optimizer's (a step with zero gradients and learning rate 0, as DCP does for
+        any optimizer) and this algorithm's own (zeros). What sam_kernels.checkpoint calls to
+        build a template for `dcp.load` in fresh processes."""
+        self._require_between_steps("init_state()")
+        base = self.base_optimizer
+        if not base.state:
+            had = [(p, p.grad) for p in _all_params(self.param_groups)]
+            lrs = [g.get("lr") for g in self.param_groups]
+            try:
+                for p, _ in had:
+                    if p.requires_grad:
+                        p.grad = torch.zeros_like(p)
+                for g in self.param_groups:
+                    if "lr" in g:
+                        g["lr"] = torch.tensor(0.0) if torch.is_tensor(g["lr"]) else 0.0
+                self._base_step()
+            finally:
+                for g, lr in zip(self.param_groups, lrs):
+                    if lr is not None:
+                        g["lr"] = lr
+                for p, grad in had:
+                    p.grad = grad
+        for p in _all_params(self.param_groups):
+            if p.requires_grad and not self.state.get(p):
+                own = self._own_state_like(self._dist.local(p))
+                if own:
+                    self.state[p] = own
 
-    def _sync_grads(self, grads: Tensors, reduce: str = "mean") -> None:
-        """The final gradients of an algorithm whose passes ran per rank (DDP), all-reduced
-        across the ranks ('mean' or 'sum'); nothing when the passes were synchronised."""
-        self._dist.average_grads_(grads, mean=(reduce == "mean"))
+    # ------------------------------------------------------------------ copies
+    def __getstate__(self) -> Dict[str, Any]:
+        """Everything (torch.optim keeps only defaults/state/groups, which loses the base
+        optimizer); caches, hooks and the backend module are rebuilt on load."""
+        if self._current is not None:
+            raise RuntimeError(f"{type(self).__name__} cannot be copied or pickled in the "
+                               "middle of a step; finish it first")
+        state = dict(self.__dict__)
+        for key in ("_watched", "_caches", "_backend_module", "_scaler_views", "_dist"):
+            state.pop(key, None)
+        return state
 
-    def _agreed_sum(self, t: torch.Tensor) -> torch.Tensor:
-        """Statistics every rank must decide on alike (VaSSORe's criteria), in place: summed
-        over the shards when sharded, averaged over DDP ranks (bit-identical everywhere)."""
-        return self._dist.agree_(t)
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._caches = {}
+        self._resolve(self.model)
+        self._watch_backward(self.param_groups)
 
-    def _record_gap(self, at_w: Any, at_w_plus_e: Any) -> None:
-        """last_surrogate_gap ← L(w + e) − L(w) from what two closure calls returned (a loss
-        or the seed's (outputs, loss)); None when either is not a loss. Stays on the device."""
-        losses = [r[-1] if isinstance(r, (tuple, list)) and r else r for r in (at_w, at_w_plus_e)]
-        if all(torch.is_tensor(x) and x.numel() == 1 for x in losses):
-            self.last_surrogate_gap = (losses[1].detach() - losses[0].detach()).reshape(())
-        elif all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in losses):
-            self.last_surrogate_gap = torch.tensor(float(losses[1]) - float(losses[0]))
+
+class _Shim:  # TODO(ops-fuzz): remove when every backend has these primitives
+    def __init__(self, m):
+        self._m = m
+
+    def __getattr__(self, name):
+        return getattr(self._m, name)
+
+    def scale_(self, xs, factor):
+        if factor.dim() == 0:
+            torch._foreach_mul_(xs, factor)
         else:
-            self.last_surrogate_gap = None
+            torch._foreach_mul_(xs, [f.to(torch.float64).item() for f in factor])
+
+    def add_scaled_(self, ys, xs, alpha):
+        for y, x, a in zip(ys, xs, alpha.unbind() if alpha.dim() else [alpha] * len(ys)):
+            y.add_((x.double() * a).to(y.dtype))
+
+    def sum_sq_per_tensor(self, xs):
+        return torch.stack([x.double().pow(2).sum() for x in xs]) if xs else \
+            torch.zeros(0, dtype=torch.float64)
+
+
+def _fire(opt: SharpnessAwareOptimizer, *hook_dicts) -> None:
+    for hooks in hook_dicts:
+        for hook in list(hooks.values()):
+            hook(opt, (opt,), {})
 
 
 class _ScalerPass:
-    """What GradScaler.unscale_ needs of an optimizer (its param groups), one object per pass
-    of a step, so that each pass gets unscaled once and its inf/NaN flag kept apart."""
+    """What GradScaler.unscale_ needs of an optimizer, one object per pass of a step, so each
+    pass is unscaled once and its inf/NaN flag kept apart."""
 
-    def __init__(self, owner: "SharpnessAwareOptimizer") -> None:
+    def __init__(self, owner: SharpnessAwareOptimizer) -> None:
         self._owner = owner
 
     @property
@@ -767,36 +975,8 @@ class _ScalerPass:
         return self._owner.param_groups
 
 
-def _dcp_tolerant(step: Callable) -> Callable:
-    """`step` of every algorithm class, made harmless for DCP's `_init_optim_state`: that calls
-    `step()` without a closure after zeroing every gradient and learning rate, to create a
-    torch optimizer's lazy state, and would leave the learning rates at 0 if our step raised.
-    Then only a base optimizer without state yet steps (creating it, as DCP intends; one that
-    has state is left alone: its momentum would decay); DCP's next call, `state_dict()`,
-    refuses with what to use instead."""
-    @functools.wraps(step)
-    def guarded(self, closure=None, *args, **kwargs):
-        if closure is None and not args and not kwargs:
-            from ..checkpoint import called_from_dcp
-            if called_from_dcp() == "_init_optim_state":
-                return None if self.base_optimizer.state else self.base_optimizer.step()
-        return step(self, closure, *args, **kwargs)
-    return guarded
-
-
-def _refuse_dcp(function: str) -> None:
-    from ..checkpoint import called_from_dcp
-    if called_from_dcp() is not None:
-        raise TypeError(
-            f"torch.distributed.checkpoint.state_dict.{function} would drop this optimizer's "
-            f"own state (its state_dict's 'sam' entry); use sam_kernels.checkpoint.{function}"
-            f"(model, optimizer, ...) instead, which goes through DCP for the base optimizer "
-            f"and keeps the rest")
-
-
 def _dedupe(group: Dict[str, Any]) -> None:
-    """The same tensor twice in a group would be perturbed (and stepped) twice; torch only
-    warns about it. Keep the first occurrence."""
+    """The same tensor twice in a group would be perturbed (and stepped) twice."""
     params = group["params"]
     unique = list(dict.fromkeys(params))
     if len(unique) != len(params):
@@ -807,21 +987,11 @@ def _all_params(groups) -> Tensors:
     return [p for g in groups for p in g["params"]]
 
 
-def _single_device(groups) -> Optional[torch.device]:
-    devices = {p.device for p in _all_params(groups)}
-    if len(devices) > 1:
-        raise ValueError(f"parameters are on several devices ({sorted(map(str, devices))}); "
-                         "one optimizer must hold parameters of one device — use one optimizer "
-                         "per device (or wrap the model with DDP/FSDP)")
-    return next(iter(devices), None)
-
-
 def _check_same_params(params: Iterable, base: torch.optim.Optimizer) -> None:
     given = []
     for item in params if not isinstance(params, torch.Tensor) else [params]:
         given.extend(item["params"] if isinstance(item, dict) else [item])
-    ours = {id(p) for p in given}
-    theirs = {id(p) for p in _all_params(base.param_groups)}
+    ours, theirs = {id(p) for p in given}, {id(p) for p in _all_params(base.param_groups)}
     if ours != theirs:
         raise ValueError(f"the base optimizer instance holds different parameters than the ones "
                          f"given ({len(theirs)} vs {len(ours)} tensors, {len(ours ^ theirs)} "

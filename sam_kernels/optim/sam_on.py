@@ -1,7 +1,7 @@
 """SAM-ON (Mueller et al., "Normalization Layers Are All That Sharpness-Aware Minimization
 Needs", NeurIPS 2023): perturb only the parameters of the normalisation layers, with the norm
 of the perturbation taken over those only. This builds the param groups; SAM, LookSAM,
-FriendlySAM and MomentumSAM honour a group's ``perturb=False`` (left out of the norm and of
+and every other algorithm honour a group's ``perturb=False`` (left out of the norm and of
 e, still stepped by the base optimizer)."""
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
@@ -43,6 +43,10 @@ def sam_on_param_groups(model: nn.Module, rho: Optional[float] = None,
         raise ValueError("the model has no trainable parameters in normalisation layers "
                          f"({', '.join(t.__name__ for t in types)}); SAM-ON perturbs only "
                          "those — pass norm_types= naming yours, or use plain SAM")
+    if "params" in group_kwargs:
+        raise TypeError("sam_on_param_groups() takes the model and picks the parameters itself; "
+                        "params= is not accepted (build your own groups with perturb=True/False "
+                        "to choose them)")
     extra = dict(group_kwargs)
     if rho is not None:
         extra["rho"] = rho
