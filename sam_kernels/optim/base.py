@@ -321,6 +321,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         """The plan of the step in progress, made (once) when the step starts: a failed step
         undoes what making it changed (a criterion's draw, its decision)."""
         if self._current is None:
+            for p in self.__dict__.pop("_template", ()):
+                self.state.pop(p, None)
             self._check_groups()
             self._begin_txn()
             try:
@@ -836,11 +838,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         for hook in list(self._optimizer_state_dict_pre_hooks.values()):
             hook(self)
         sd = self.base_optimizer.state_dict()
-        index = {p: i for i, p in enumerate(_all_params(self.param_groups))}
-        own = {index[p]: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
-               for p, s in self.state.items() if s and p in index}
-        sd["sam"] = {"algorithm": type(self).__name__, "state": own,
-                     "extra": copy.deepcopy(self._extra_state())}
+        sd["sam"] = self.own_state_dict()
         for hook in list(self._optimizer_state_dict_post_hooks.values()):
             result = hook(self, sd)
             if result is not None:
@@ -860,15 +858,32 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         own = state_dict.pop("sam", {"state": {}, "extra": {}})
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups  # torch builds new group dicts
+        self.load_own_state_dict(own)
+        for hook in list(self._optimizer_load_state_dict_post_hooks.values()):
+            hook(self)
+
+    def own_state_dict(self) -> Dict[str, Any]:
+        """This algorithm's own state (what the base optimizer's state dict lacks): its name,
+        per-parameter state by parameter index (copies), and `extra` (counters, schedules).
+        What state_dict() stores under 'sam'; sam_kernels.checkpoint uses it for DCP."""
+        self._require_between_steps("own_state_dict()")
+        index = {p: i for i, p in enumerate(_all_params(self.param_groups))}
+        own = {index[p]: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
+               for p, s in self.state.items() if s and p in index}
+        return {"algorithm": type(self).__name__, "state": own,
+                "extra": copy.deepcopy(self._extra_state())}
+
+    def load_own_state_dict(self, own: Dict[str, Any]) -> None:
+        """Load what own_state_dict() returned (state keyed by parameter index)."""
         params = _all_params(self.param_groups)
         self.state = defaultdict(dict)
         for i, s in own["state"].items():
             p = params[int(i)]
-            self.state[p] = {k: (v.to(device=p.device, copy=True) if torch.is_tensor(v) else v)
-                             for k, v in s.items()}
+            local = self._dist.local(p)
+            self.state[p] = {k: (v.to(device=local.device, copy=True) if torch.is_tensor(v)
+                                 else v) for k, v in s.items()}
         self._load_extra_state(own["extra"])
-        for hook in list(self._optimizer_load_state_dict_post_hooks.values()):
-            hook(self)
+        self.__dict__.pop("_template", None)
 
     def _extra_state(self) -> Dict[str, Any]:
         """Checkpointed host state: the counters and the rule's `_rule_vars`."""
@@ -877,7 +892,9 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     def _load_extra_state(self, extra: Dict[str, Any]) -> None:
         self._end_step()
         values = self._vars()
-        values.update({k: v for k, v in extra.items() if k in values})
+        device = self._device or "cpu"
+        values.update({k: (v.to(device) if torch.is_tensor(v) else v)
+                       for k, v in extra.items() if k in values})
         values["steps"], values["inner_steps"] = int(values["steps"]), int(values["inner_steps"])
         self._set_vars(values)
 
@@ -910,11 +927,14 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                         g["lr"] = lr
                 for p, grad in had:
                     p.grad = grad
+        made = []
         for p in _all_params(self.param_groups):
             if p.requires_grad and not self.state.get(p):
                 own = self._own_state_like(self._dist.local(p))
                 if own:
                     self.state[p] = own
+                    made.append(p)
+        self._template = made  # zeros, not an algorithm's state: a step before a load drops it
 
     # ------------------------------------------------------------------ copies
     def __getstate__(self) -> Dict[str, Any]:
