@@ -5,7 +5,7 @@ it, a collective counter, and the worker that runs many cases in one process gro
 what each produced (the parent compares; see test_ddp.py for the pattern).
 
 Everything here is written against the public API of sam_kernels plus one private attribute
-read for inspection only (`_scratch_buffers`: the persistent per-parameter buffers)."""
+read for inspection only (`_caches`: the persistent per-parameter buffers)."""
 import io
 import math
 import os
@@ -331,8 +331,8 @@ def loss_of(module, x, y):
 
 def scratch_summary(opt):
     """{buffer set: [(buffer elements, its parameter's local elements, data_ptr)]} of the
-    optimizer's persistent per-parameter buffers (private: `_scratch_buffers`)."""
-    stores = getattr(opt, "_scratch_buffers", {}) or {}
+    optimizer's persistent per-parameter buffers (private: `_caches`)."""
+    stores = {k: v for k, v in (getattr(opt, "_caches", {}) or {}).items() if k != "backup_lists"}
     return {name: [(b.numel(), local(p).numel(), b.data_ptr()) for p, b in store.items()]
             for name, store in stores.items()}
 

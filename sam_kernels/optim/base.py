@@ -128,8 +128,9 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     #: which seeds' checkpoints load_state_dict converts ('sam', 'gsam', 'gam', 'vasso')
     _seed_family: Optional[str] = None
 
-    steps = StepVar(0)  # completed (not skipped) steps
-    inner_steps = StepVar(0)  # completed steps whose plan was an inner one
+    _steps_raw = StepVar(0)
+    _inner_raw = StepVar(0)
+    _fused_skips = StepVar()  # [skipped, skipped inner] steps decided on the device only
     #: steps skipped for inf/NaN (a device tensor, no host read), None before the first
     skipped_steps = StepVar()
     #: L2 norm of the last final gradient before clipping (with max_grad_norm; on the device)
@@ -145,6 +146,37 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     _flags = StepVar(())  # skip_nonfinite's per-pass flags
     _backward_epoch = StepVar(-1)  # _step_epoch when a backward last accumulated a gradient
     _opt_called = StepVar(False)  # read by torch LR schedulers
+
+    @property
+    def steps(self) -> int:
+        """Completed steps (a skipped one does not count)."""
+        self._settle()
+        return self._steps_raw
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self._settle()
+        self._steps_raw = value
+
+    @property
+    def inner_steps(self) -> int:
+        """Completed steps whose plan ran the inner (perturbing) part."""
+        self._settle()
+        return self._inner_raw
+
+    @inner_steps.setter
+    def inner_steps(self, value: int) -> None:
+        self._settle()
+        self._inner_raw = value
+
+    def _settle(self) -> None:
+        """Steps a fused base optimizer skipped on the device flag were counted; take them
+        off now (one host read when the counters are read, none per step)."""
+        if self._fused_skips is not None:
+            skipped, inner = (int(v) for v in self._fused_skips.tolist())
+            self._fused_skips = None
+            self._steps_raw -= skipped
+            self._inner_raw -= inner
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -727,6 +759,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 self._base_step()
             finally:
                 del self.base_optimizer.found_inf
+            acc = torch.stack([found, found * float(plan.inner)])
+            self._fused_skips = acc if self._fused_skips is None else self._fused_skips + acc
         elif found is not None and bool(found.item()):  # GradScaler.step() reads it too
             self._set_vars(self._txn["vars"])  # skipped: put everything back
             self._end_step()
@@ -734,8 +768,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             self._base_step()
             self._after_base_step()
         if self._current is not None:
-            self.steps += 1
-            self.inner_steps += int(plan.inner)
+            self._steps_raw += 1
+            self._inner_raw += int(plan.inner)
             self._commit()
         if manual:
             _fire(self, self._optimizer_step_post_hooks,
@@ -789,7 +823,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ the transaction
     def _vars(self) -> Dict[str, Any]:
         """The rule's host state (references: rules replace these values, never mutate)."""
-        return {name: getattr(self, name) for name in ("steps", "inner_steps") + self._rule_vars}
+        return {name: getattr(self, name) for name in ("_steps_raw", "_inner_raw") +
+                self._rule_vars}
 
     def _set_vars(self, values: Dict[str, Any]) -> None:
         for name, value in values.items():
@@ -887,16 +922,17 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     def _extra_state(self) -> Dict[str, Any]:
         """Checkpointed host state: the counters and the rule's `_rule_vars`."""
-        return self._vars()
+        return {"steps": self.steps, "inner_steps": self.inner_steps,
+                **{k: getattr(self, k) for k in self._rule_vars}}
 
     def _load_extra_state(self, extra: Dict[str, Any]) -> None:
         self._end_step()
-        values = self._vars()
         device = self._device or "cpu"
-        values.update({k: (v.to(device) if torch.is_tensor(v) else v)
-                       for k, v in extra.items() if k in values})
-        values["steps"], values["inner_steps"] = int(values["steps"]), int(values["inner_steps"])
-        self._set_vars(values)
+        self._fused_skips = None
+        self._steps_raw = int(extra.get("steps", 0))
+        self._inner_raw = int(extra.get("inner_steps", 0))
+        self._set_vars({k: (v.to(device) if torch.is_tensor(v) else v)
+                        for k, v in extra.items() if k in self._rule_vars})
 
     def _own_state_like(self, p: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The per-parameter state this algorithm keeps for `p` once it has stepped (zeros of

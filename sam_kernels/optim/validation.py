@@ -42,10 +42,9 @@ def check(name: str, value: Any, rule: str) -> Any:
     test, text = _RULES[rule]
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         _fail(name, value, f"a real number: {text}")
-    value = float(value)
-    if not math.isfinite(value) or not test(value):
-        _fail(name, value, text)
-    return value
+    if not math.isfinite(value) or not test(float(value)):
+        raise ValueError(f"Invalid {name} value: {value!r} (must be {text})")
+    return float(value)
 
 
 def check_choice(name: str, value: Any, choices: Tuple[str, ...]) -> str:
