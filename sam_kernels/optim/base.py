@@ -36,7 +36,7 @@ from torch.optim import optimizer as _torch_optimizer
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import bn
-from ..ops import _registry
+from ..ops import _checks, _registry
 from . import compat, distributed
 from .validation import check
 
@@ -609,12 +609,14 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         try:
             for (r, ada, eta), (keys, params, ds) in buckets.items():
                 bufs = self._backups(keys, params) if keep_backup else []
-                self._ops().perturb_(params, ds, sum_sq, r, self.eps, ada, eta, bufs)
+                with _dense(params) as work:
+                    self._ops().perturb_(work, ds, sum_sq, r, self.eps, ada, eta, bufs)
                 moved.extend(params)
                 backups.extend(bufs)
         except BaseException:
             if moved and keep_backup:  # a later bucket failed: put the earlier ones back
-                self._ops().restore_(moved, backups)
+                with _dense(moved) as work:
+                    self._ops().restore_(work, backups)
             raise
         if keep_backup:
             self._perturbed = (moved, backups)
@@ -645,7 +647,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         if self._perturbed is not None:
             params, backups = self._perturbed
             if params:
-                self._ops().restore_(params, backups)
+                with _dense(params) as work:
+                    self._ops().restore_(work, backups)
             self._perturbed = None
 
     def _keep(self, slots: List[GradSlots], steal: bool = True, name: str = "kept") -> Tensors:
@@ -1011,6 +1014,23 @@ class _Shim:  # TODO(ops-fuzz): remove when every backend has these primitives
     def sum_sq_per_tensor(self, xs):
         return torch.stack([x.double().pow(2).sum() for x in xs]) if xs else \
             torch.zeros(0, dtype=torch.float64)
+
+
+@contextlib.contextmanager
+def _dense(params: Tensors):
+    """`params` for a kernel that writes them: a parameter that is a non-dense view (torch
+    accepts those) is worked on in a dense copy, written back afterwards."""
+    bad = [i for i, p in enumerate(params) if not _checks.dense(p)]
+    if not bad:
+        yield params
+        return
+    work = list(params)
+    for i in bad:
+        work[i] = params[i].detach().contiguous()
+    yield work
+    with torch.no_grad():
+        for i in bad:
+            params[i].copy_(work[i])
 
 
 def _fire(opt: SharpnessAwareOptimizer, *hook_dicts) -> None:

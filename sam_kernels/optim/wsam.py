@@ -1,5 +1,5 @@
 """WSAM — weighted sharpness as a regularization term (Yue et al., KDD 2023)."""
-from .base import SharpnessAwareOptimizer
+from .base import SharpnessAwareOptimizer, _dense
 from .gsam import matched
 
 
@@ -41,7 +41,8 @@ class WSAM(SharpnessAwareOptimizer):
     def _after_base_step(self) -> None:
         alpha = self.gamma / (1.0 - self.gamma)
         for group, params, diff in self._held.get("diff", ()):
-            self._ops().axpby_(params, diff, -float(group["lr"]) * alpha, 1.0)
+            with _dense(params) as work:
+                self._ops().axpby_(work, diff, -float(group["lr"]) * alpha, 1.0)
 
 
 def _offsets(slots):
