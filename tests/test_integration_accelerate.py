@@ -222,3 +222,21 @@ def test_helper_rejects_what_it_cannot_drive():
     opt = prepare(accelerator, sam_kernels.SAM(model.parameters(), torch.optim.SGD, lr=0.1))
     with pytest.raises(RuntimeError, match="needs a closure"):
         opt.step()
+
+
+def test_backward_per_micro_batch_then_step_closure_is_refused():
+    """The naive accelerate loop (backward on each micro-batch, then optimizer.step(closure)
+    on the last) would take the accumulated gradients as pass 1 and run the later passes on one
+    micro-batch: refused, nothing moves."""
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = fresh(torch.float32)
+    opt = sam_kernels.SAM(model.parameters(), torch.optim.SGD, lr=0.1, model=model)
+    model, prepared = prepare(accelerator, model, opt)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
+    with pytest.raises(RuntimeError, match="gradient_accumulation_steps > 1"):
+        for _ in range(2):
+            with accelerator.accumulate(model):
+                accelerator.backward(loss_fn(model, x, y))
+                prepared.step(lambda: loss_fn(model, x, y))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -196,3 +196,23 @@ def test_lightning_16_mixed_without_the_plugin_cannot_step():
     with pytest.raises(RuntimeError, match="needs a closure"):
         fit_with(AutoModule("SAM"), plugins=[MixedPrecision("16-mixed", "cpu",
                                                             scaler=scaler_cpu())])
+
+
+def test_accumulate_grad_batches_is_refused_not_taken_as_pass_1(tmp_path):
+    """Lightning's accumulation runs backward on the earlier micro-batches, then
+    optimizer.step(closure) for the last one: those gradients are not a whole pass 1, so the
+    seeds' contract must not take them as one. The first step refuses, naming the fix, and
+    nothing moves."""
+    torch.manual_seed(0)
+    batches = make_batches(4)
+    data = DataLoader(TensorDataset(torch.cat([x for x, _ in batches]),
+                                    torch.cat([y for _, y in batches])), batch_size=8)
+    module = AutoModule("SAM")
+    before = [p.detach().clone() for p in module.parameters()]
+    trainer = lightning.Trainer(max_steps=2, accumulate_grad_batches=2, logger=False,
+                                enable_checkpointing=False, enable_progress_bar=False,
+                                enable_model_summary=False, accelerator="cpu",
+                                default_root_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="accumulate_grad_batches"):
+        trainer.fit(module, data)
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))

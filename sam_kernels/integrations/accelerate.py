@@ -44,6 +44,14 @@ class SAMAcceleratedOptimizer(AcceleratedOptimizer):
 
     def sam_step(self, closure: Optional[Callable[[], Any]]) -> Any:
         """The step itself, whatever Accelerate's accumulation state says."""
+        if closure is not None and self.gradient_state.num_steps > 1 and \
+                self.optimizer.backward_since_step():
+            raise RuntimeError(
+                "accelerator.accumulate with gradient_accumulation_steps > 1 and a backward "
+                "pass before optimizer.step(closure): the accumulated gradients are not a whole "
+                "pass 1 of a SAM step (its later passes would see one micro-batch). Keep the "
+                "micro-batches and run them all inside the closure (the recipe in "
+                "docs/recipes.md), or use gradient_accumulation_steps=1")
         result = self.optimizer.step(closure)  # raises a clear error without a closure
         skipped = update_scaler(self.optimizer)
         self._is_overflow = bool(skipped)

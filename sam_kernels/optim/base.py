@@ -297,6 +297,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 p.register_post_accumulate_grad_hook(seen)
                 watched.append(p)
 
+    def backward_since_step(self) -> bool:
+        """Whether a backward pass produced gradients since the last step of any optimizer
+        (still there, not zeroed): step(closure) then takes them as pass 1."""
+        return self._backward_seen()
+
     def _backward_seen(self) -> bool:
         """Gradients from a backward pass since the last step of any optimizer, still there."""
         return self._backward_epoch == _step_epoch[0] and \

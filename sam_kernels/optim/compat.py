@@ -228,10 +228,15 @@ def resolve_closure(opt: Any, closure: Optional[Callable]) -> Optional[Callable]
                     f"computeBackprop) is accepted as it is")
 
 
-def _is_lightning_closure(closure: Callable) -> bool:
-    f = closure.func if isinstance(closure, functools.partial) else closure
-    return any(k.__module__.startswith(("lightning", "pytorch_lightning"))
-               for k in type(f).__mro__ if k is not object)
+def _is_lightning_closure(closure: Any) -> bool:
+    """A closure Lightning made (its Closure object, or its precision plugin's partial of a
+    bound method around one)."""
+    parts = [closure]
+    if isinstance(closure, functools.partial):
+        parts += [closure.func, *closure.args]
+    parts += [getattr(p, "__self__", None) for p in list(parts)]
+    return any(type(p).__module__.startswith(("lightning", "pytorch_lightning"))
+               for p in parts if p is not None)
 
 
 def check_given_pass(opt: Any, closure: Callable, given: bool, plan: Any) -> None:
