@@ -94,7 +94,7 @@ def simulate(name, max_norm=None, skip_step=None):
     steps = len(data[0])
     cls = type(make_optimizer(name, [torch.nn.Parameter(torch.zeros(1))], torch.optim.SGD,
                               lr=0.1))
-    if cls._reduce_final_grads:
+    if cls.sync == "none":  # every pass per rank, the final gradient averaged once
         # each rank forms its final gradient alone (an lr = 0 base keeps w); the mean of
         # those is clipped and applied by one base optimizer
         opts = [make_optimizer(name, m.parameters(), torch.optim.SGD, lr=0.0, model=m)

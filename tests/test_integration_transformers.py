@@ -227,7 +227,7 @@ def test_trainer_from_arguments_uses_trainers_optimizer(tmp_path):
     ref_opt = sam_kernels.GSAM([dict(params=decay, weight_decay=0.3),
                                 dict(params=no_decay, weight_decay=0.0)], torch.optim.AdamW,
                                rho=0.05, gsam_alpha=0.3, model=reference, lr=0.01,
-                               betas=(0.8, 0.999), eps=1e-8)
+                               betas=(0.8, 0.999))  # eps: GSAM's own; AdamW's default 1e-8
     sched = torch.optim.lr_scheduler.LambdaLR(ref_opt, lambda t: max(0.0, (6 - t) / 6))
     hand_loop(reference, ref_opt, batches(data, 4), scheduler=sched)
     assert_weights(model, reference, atol=1e-10)

@@ -434,3 +434,93 @@ def test_sam_has_lk_eg_counter_names():
     assert opt.inner_gradient_calculation_counter == opt.inner_fwp_calculation_counter == 3
     with pytest.raises(AttributeError, match="read-only alias of steps"):
         opt.inner_fwp_calculation_counter = 0
+
+
+# ----------------------------------------------------------------------------- the seeds' loops
+def _lk_eg_epoch(opt, base, ps, xs, need_closure, calls):
+    """lk-eg utils/engine.py train_one_epoch's pattern, written here: with a closure
+    optimizer.step(closure, epoch=..., step=..., ...) (its closure(computeForward,
+    computeBackprop)); without one, closure(True, True) then optimizer.step()."""
+    for i, x in enumerate(xs):
+        returned = []
+        closure = lk_eg_closure(opt if need_closure else base, ps, x, returned)
+        def counted(computeForward, computeBackprop, f=closure):  # noqa: N803 (the seed's)
+            calls.append(1)
+            return f(computeForward, computeBackprop)
+        if need_closure:
+            opt.step(counted, epoch=0, step=i, batch_idx=i, model=None, images=None,
+                     targets=None, criterion=None, train_data=None, logger=None)
+        else:
+            counted(True, True)
+            base.step()
+
+
+@pytest.mark.parametrize("cls, kwargs", [(VaSSO, {}), (VaSSORe, dict(crt="naive", crt_k=1)),
+                                         (VaSSOReMu, dict(crt="naive", crt_k=1))])
+def test_lk_eg_crt_schedule_switches_from_sgd_without_a_false_refusal(cls, kwargs):
+    """lk-eg's --crt schedule: SGD epochs (the base optimizer's own loop leaves its gradients),
+    then the SAM optimizer over the same base optimizer. Every SAM step runs both passes
+    itself and equals the step of an optimizer whose gradients were cleared before it."""
+    ps, twin = params((4,), (2, 3)), params((4,), (2, 3))
+    xs = data(ps, 3)
+    runs = []
+    for p_, clear in ((ps, False), (twin, True)):
+        base = torch.optim.SGD(p_, lr=0.05, momentum=0.9)
+        opt = cls(params=p_, base_optimizer=base, logger=object(),
+                  args=lk_eg_args(**{"rho": 0.1, "theta": 0.4, **kwargs}), backend="reference")
+        calls = []
+        _lk_eg_epoch(opt, base, p_, xs, False, calls)  # an SGD epoch
+        if clear:
+            opt.zero_grad()
+        calls.clear()
+        _lk_eg_epoch(opt, base, p_, xs, True, calls)  # then the SAM epochs
+        _lk_eg_epoch(opt, base, p_, xs, False, [])
+        _lk_eg_epoch(opt, base, p_, xs, True, calls)
+        runs.append(calls)
+    assert len(runs[0]) == len(runs[1]) == 2 * 2 * len(xs)
+    assert_same_tensors(list(ps), list(twin), "weights")
+
+
+def test_bingcongli_loop_backward_then_step_closure():
+    """BingcongLi/VaSSO utils/engine.py's pattern: forward, optimizer.zero_grad(),
+    loss.backward(), optimizer.step(closure, epoch=..., ...) with a closure that returns
+    nothing: 2 passes per step (the closure once), the same weights as step(closure) alone."""
+    ps, twin = params((5,), (3, 2)), params((5,), (3, 2))
+    a, b = make(VaSSO, ps, rho=0.1, theta=0.4), make(VaSSO, twin, rho=0.1, theta=0.4)
+    for x in data(ps, 4):
+        calls = []
+
+        def closure():
+            calls.append(1)
+            loss = sum((torch.sin(p) * xi).sum() + 0.5 * (p ** 2).sum() for p, xi in zip(ps, x))
+            loss.backward()
+        loss = sum((torch.sin(p) * xi).sum() + 0.5 * (p ** 2).sum() for p, xi in zip(ps, x))
+        a.zero_grad()
+        loss.backward()
+        a.step(closure, epoch=0, step=0, batch_idx=0, model=None, train_data=None, logger=None)
+        assert len(calls) == 1
+        b.step(torch_closure(b, twin, x))
+    assert_same_tensors(list(ps), list(twin), "weights")
+
+
+def test_davda54_step_closure_variant():
+    """davda54's README: loss.backward() at w, then optimizer.step(closure) whose closure has
+    no zero_grad inside, then optimizer.zero_grad() — the same steps as first/second_step."""
+    ps, twin = params((6,), (2, 2)), params((6,), (2, 2))
+    a, b = make(SAM, ps, rho=0.1), make(SAM, twin, rho=0.1)
+    for x in data(ps, 3):
+        def loss_of(p_):
+            return sum((torch.sin(p) * xi).sum() + 0.5 * (p ** 2).sum() for p, xi in zip(p_, x))
+
+        def closure():
+            loss = loss_of(ps)
+            loss.backward()
+            return loss
+        loss_of(ps).backward()
+        a.step(closure)
+        a.zero_grad()
+        loss_of(twin).backward()
+        b.first_step(zero_grad=True)
+        loss_of(twin).backward()
+        b.second_step(zero_grad=True)
+    assert_same_tensors(list(ps), list(twin), "weights")

@@ -678,7 +678,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             self._ops().restore_(copies, tensors)
         origin = self._txn.setdefault("cached", {})
         for c in copies:
-            origin[id(c)] = name
+            origin[c] = name
         return copies
 
     def _scratch(self, name: str, params: Tensors, like: Tensors) -> Tensors:
@@ -848,7 +848,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             old = self.state[p].pop(key, None)
             if value is not None:
                 self.state[p][key] = value
-                name = origin.get(id(value))
+                name = origin.get(value)
                 if name is not None:  # the superseded tensor becomes the next scratch
                     for cache, other in self._caches.items():
                         if cache not in ("backup", "backup_lists") and other.get(p) is old:

@@ -10,13 +10,13 @@ def matched(opt: SharpnessAwareOptimizer, slots, what: str):
     """The gradients kept at w (`_held['g']`) for the parameters of `slots`: every parameter
     with a gradient now needs one (the weights are restored when it has none)."""
     params, kept = opt._held["g"]
-    at = {id(p): t for p, t in zip(params, kept)}
+    at = dict(zip(params, kept))  # keyed by the tensors (torch.compile cannot trace id())
     now = [p for s in slots for p in s.params]
-    if any(id(p) not in at for p in now):
+    if any(p not in at for p in now):
         raise RuntimeError(f"a parameter has a gradient at w + e but had none at w; {what} "
                            "needs both gradients of every parameter it updates (the weights "
                            "were restored)")
-    return [at[id(p)] for p in now], [g for s in slots for g in s.grads]
+    return [at[p] for p in now], [g for s in slots for g in s.grads]
 
 
 class GSAM(SharpnessAwareOptimizer):
