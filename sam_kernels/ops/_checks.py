@@ -327,3 +327,12 @@ REDUCTION_DTYPE = torch.float64
 
 def reduction_dtype(xs: Sequence[torch.Tensor]) -> torch.dtype:
     return REDUCTION_DTYPE
+
+
+def rounds_to_zero(x: float, dtype: torch.dtype) -> bool:
+    """Whether the float `x` is 0 in the element maths type of `dtype` (fp64 for fp64, else
+    fp32), as the C++/CUDA kernels see it after their cast: |x| <= 2^-150 rounds to an fp32
+    zero (b = 1e-50 is 0 for fp32 data, so axpby_ does not read ys)."""
+    if dtype == torch.float64:
+        return x == 0.0
+    return abs(x) <= 2.0 ** -150

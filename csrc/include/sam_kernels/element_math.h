@@ -47,11 +47,14 @@ SK_HOST_DEVICE T perturb_scale(T sum_sq, T rho, T eps) {
 }
 
 // perturb_: p + scale * T^2 * d with T = |p| + eta for adaptive (ASAM) groups, else 1.
+// Adaptive: evaluated as p + ((t * d) * scale) * t. With sum_sq = Σ (t d)^2 (how ASAM calls it)
+// |(t * d) * scale| <= rho, so no intermediate overflows unless the result does; t * t first
+// overflowed fp32 from |p| ~ 1.8e19, scale * t first for a large scale (tiny sum_sq).
 template <typename T>
 SK_HOST_DEVICE T perturbed(T p, T d, T scale, bool adaptive, T eta) {
   if (adaptive) {
     const T t = sk_abs(p) + eta;
-    return p + scale * t * t * d;
+    return p + ((t * d) * scale) * t;
   }
   return p + scale * d;
 }
@@ -67,6 +70,8 @@ SK_HOST_DEVICE T orth_coefficient(T dot, T m_sq, T d_sq, T eps) {
 }
 
 // orth_combine_: d - gamma * (m - c * d), i.e. remove gamma times the part of m orthogonal to d.
+// Every backend evaluates it in this order (c * d, m - that, gamma * that, d - that): the
+// expanded (1 + gamma c) d - gamma m overflows (inf, or inf - inf = NaN) where this is finite.
 template <typename T>
 SK_HOST_DEVICE T orth_combined(T d, T m, T gamma, T c) {
   return d - gamma * (m - c * d);

@@ -51,8 +51,9 @@ def perturb_scale(sum_sq, rho, eps):
 def perturbed(p, d, scale, eta, ADAPTIVE: tl.constexpr):
     """perturb_: p + scale * T^2 * d with T = |p| + eta when ADAPTIVE, else T = 1."""
     if ADAPTIVE:
+        # ((t * d) * scale) * t: no intermediate overflow unless the result overflows
         t = tl.abs(p) + eta
-        return p + scale * t * t * d
+        return p + ((t * d) * scale) * t
     else:
         return p + scale * d
 

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _registry
+from .. import _checks, _registry
 
 Tensors = Sequence[torch.Tensor]
 
@@ -116,12 +116,8 @@ def group_block(block: int, dtype: torch.dtype) -> int:
     return min(block, MAX_PROGRAM_BYTES // dtype.itemsize)
 
 
-def rounds_to_zero(x: float, dtype: torch.dtype) -> bool:
-    """Whether `x` is 0 in the accumulation type of `dtype` (fp64 for fp64, else fp32), as the
-    C++/CUDA kernels see it after their cast: |x| <= 2^-150 rounds to an fp32 zero."""
-    if dtype == torch.float64:
-        return x == 0.0
-    return abs(x) <= 2.0 ** -150
+#: Whether a float is 0 in a dtype's element maths type: one rule for every backend.
+rounds_to_zero = _checks.rounds_to_zero
 
 
 # ---------------------------------------------------------------------------- devices
