@@ -274,3 +274,77 @@ def axpby_(ys: Tensors, xs: Tensors, a: float, b: float) -> None:
         torch._foreach_mul_(work, b)
         torch._foreach_add_(work, gx, alpha=a)
         _store(gy, work)
+
+
+def _factors(factor: torch.Tensor, idx: List[int], dtype: torch.dtype):
+    """The factor(s) of the tensors `idx` in the element maths type: one 0-d tensor, or a list of
+    0-d tensors (one per tensor) when `factor` is per tensor. Device tensors, never read here."""
+    f = factor.to(_acc(dtype))
+    return f if f.dim() == 0 else [f[i] for i in idx]
+
+
+def _mul_by(work: List[torch.Tensor], f) -> None:
+    """work[k] *= f (0-d tensor) or f[k] (list of 0-d tensors)."""
+    if isinstance(f, torch.Tensor):
+        torch._foreach_mul_(work, f)
+    else:
+        for t, fk in zip(work, f):
+            t.mul_(fk)
+
+
+def scale_(xs: Tensors, factor: torch.Tensor) -> None:
+    _checks.check_types("scale_", [("xs", xs)])
+    _checks.check_grad_mode("scale_", [("xs", xs)], ("factor", factor)
+                            if isinstance(factor, torch.Tensor) else None)
+    _checks.check_scale(xs, factor)
+    for idx in _by_dtype(xs).values():
+        group = [xs[i] for i in idx if xs[i].numel()]
+        if not group:
+            continue
+        work = _upcast(group)
+        _mul_by(work, _factors(factor, [i for i in idx if xs[i].numel()], group[0].dtype))
+        _store(group, work)
+
+
+def add_scaled_(ys: Tensors, xs: Tensors, alpha: torch.Tensor) -> None:
+    _checks.check_types("add_scaled_", [("ys", ys), ("xs", xs)])
+    _checks.check_grad_mode("add_scaled_", [("ys", ys), ("xs", xs)], ("alpha", alpha)
+                            if isinstance(alpha, torch.Tensor) else None)
+    xs = _checks.aligned(ys, xs)
+    _checks.check_add_scaled(ys, xs, alpha)
+    xs = _unaliased(ys, xs)
+    for idx in _by_dtype(ys).values():
+        idx = [i for i in idx if ys[i].numel()]
+        if not idx:
+            continue
+        gy = [ys[i] for i in idx]
+        # y + (alpha·x): the product rounded in the element maths type, then the sum (as the
+        # kernels' add_scaled in element_math.h)
+        step = [xs[i].to(_acc(gy[0].dtype), copy=True) for i in idx]
+        _mul_by(step, _factors(alpha, idx, gy[0].dtype))
+        work = _upcast(gy)
+        torch._foreach_add_(work, step)
+        _store(gy, work)
+
+
+def sum_sq_per_tensor(xs: Tensors) -> torch.Tensor:
+    _checks.check_types("sum_sq_per_tensor", [("xs", xs)])
+    _checks.check_sum_sq_per_tensor(xs)
+    if not xs:
+        return torch.zeros(0, dtype=_F64)
+    zero = torch.zeros((), dtype=_F64, device=xs[0].device)
+    small = [t for t in xs if t.numel() and _one_thread(t)]
+    # one fp64 norm per tensor torch sums on one thread, squared; fixed rows for the others
+    squares = iter(torch.stack(torch._foreach_norm(small, 2, dtype=_F64)).square().unbind()
+                   if small else ())
+    parts = []
+    for t in xs:
+        if not t.numel():
+            parts.append(zero)
+        elif _one_thread(t):
+            parts.append(next(squares))
+        else:
+            total = zero.clone()
+            _fixed_sum([_row_sums(_sq_terms(t))], total)
+            parts.append(total)
+    return torch.stack(parts)

@@ -90,4 +90,16 @@ SK_HOST_DEVICE T axpby(T x, T y, T a, T b) {
   return b == T(0) ? a * x : a * x + b * y;
 }
 
+// scale_: factor * x.
+template <typename T>
+SK_HOST_DEVICE T scaled(T x, T factor) {
+  return factor * x;
+}
+
+// add_scaled_: y + alpha * x (the product rounded, then the sum, unless the compiler fuses them).
+template <typename T>
+SK_HOST_DEVICE T add_scaled(T y, T x, T alpha) {
+  return y + alpha * x;
+}
+
 }  // namespace sam_kernels

@@ -86,3 +86,15 @@ def axpby(x, y, a, b, B_IS_ZERO: tl.constexpr):
         return a * x
     else:
         return a * x + b * y
+
+
+@device_function
+def scaled(x, factor):
+    """scale_: factor * x."""
+    return factor * x
+
+
+@device_function
+def add_scaled(y, x, alpha):
+    """add_scaled_: y + alpha * x."""
+    return y + alpha * x

@@ -117,6 +117,25 @@ def _lerp_sum_sq_kernel(table, n_tensors, partials, first_partial, theta: tl.flo
     tl.store(partials + first_partial + tl.program_id(0), part.to(tl.float64))
 
 
+@triton.jit
+def _per_tensor_finalize_kernel(table, n_tensors, positions, partials, first_partial, out,
+                                N_LISTS: tl.constexpr, BLOCK: tl.constexpr,
+                                FBLOCK: tl.constexpr):
+    """out[position of tensor k] = Σ of tensor k's program partials, in program order (one
+    finalize program per tensor of the group)."""
+    k = tl.program_id(0).to(tl.int64)
+    numel = tl.load(table + N_LISTS * n_tensors + k)
+    count = (numel + BLOCK - 1) // BLOCK
+    first = first_partial + tl.load(positions + n_tensors + k)
+    acc = tl.full([FBLOCK], 0, tl.float64)
+    j = 0
+    while j < count:
+        idx = j + tl.arange(0, FBLOCK)
+        acc += tl.load(partials + first + idx, mask=idx < count, other=0.0)
+        j += FBLOCK
+    tl.store(out + tl.load(positions + k), blocks.block_sum(acc, axis=0))
+
+
 # ---------------------------------------------------------------------------- launchers
 def _reduce(op: str, lists: Sequence[Tensors], check, n_out: int, kernel, *args,
             **constexprs) -> torch.Tensor:
@@ -159,3 +178,25 @@ def dot_sum_sq(a: Tensors, b: Tensors) -> torch.Tensor:
 def lerp_sum_sq_(ema: Tensors, g: Tensors, theta: float) -> torch.Tensor:
     return _reduce("lerp_sum_sq_", [ema, g], lambda: _checks.check_lerp_sum_sq(ema, g), 1,
                    _lerp_sum_sq_kernel, float(theta))
+
+
+def sum_sq_per_tensor(xs: Tensors) -> torch.Tensor:
+    """Per-program partials as sum_sq, then one finalize program per tensor (fixed order)."""
+    check = lambda: _checks.check_sum_sq_per_tensor(xs)  # noqa: E731
+    if not xs:
+        check()
+        return torch.zeros(0, dtype=_checks.REDUCTION_DTYPE)
+    plan = utils.plan("sum_sq_per_tensor", [xs], check)
+    with utils.device_guard(plan.device):
+        n_partials = sum(g.table.n_programs for g in plan.groups)
+        partials = torch.empty(max(n_partials, 1), dtype=torch.float64, device=plan.device)
+        out = torch.zeros(len(xs), dtype=_checks.REDUCTION_DTYPE, device=plan.device)
+        first = 0
+        for group in plan.groups:
+            group.launch(_sum_sq_kernel, partials, first, 0.0, WEIGHTED=False)
+            utils.launch(_per_tensor_finalize_kernel, group.table.n_tensors, group.table.table,
+                         group.table.n_tensors, group.positions[0], partials, first, out,
+                         N_LISTS=group.n_lists, BLOCK=group.block, FBLOCK=utils.FINALIZE_BLOCK,
+                         num_warps=4, enable_fp_fusion=utils.FP_FUSION)
+            first += group.table.n_programs
+    return out

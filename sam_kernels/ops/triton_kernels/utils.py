@@ -280,6 +280,11 @@ class GroupLaunch:
     table: TensorTable
     n_lists: int
     block: int
+    #: int64 device tensor [position in the call's lists of tensor 0..n-1 | its first program]
+    #: (the table's tensor index counts within the group), for the per-tensor factors of
+    #: scale_ / add_scaled_ and the per-tensor sums of sum_sq_per_tensor; with its pinned
+    #: staging buffer
+    positions: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None
 
     def launch(self, kernel, *args, **constexprs) -> None:
         """kernel[grid](table, n_tensors, *args, <shared meta-parameters>, **constexprs); every
@@ -308,7 +313,13 @@ def group_launches(lists: Sequence[Tensors], block: int) -> Tuple[GroupLaunch, .
         size = group_block(block, dtype)
         table = build_table(group, size)
         if table.n_programs:
-            launches.append(GroupLaunch(dtype, table, len(lists), size))
+            # [position in the call of tensor 0..n-1 | first program of tensor 0..n-1]
+            numels = torch.tensor([lists[0][i].numel() for i in idx], dtype=torch.int64)
+            n_blocks = (numels + size - 1) // size
+            positions = upload(torch.cat([torch.tensor(idx, dtype=torch.int64),
+                                          torch.cumsum(n_blocks, 0) - n_blocks]),
+                               lists[0][0].device)
+            launches.append(GroupLaunch(dtype, table, len(lists), size, positions))
     return tuple(launches)
 
 
