@@ -216,3 +216,20 @@ def test_adaptive_perturb_does_not_overflow_in_an_intermediate(backend_device, d
         ops.perturb_(ref_p, d, sum_sq, 1.0, 0.0, adaptive=True, eta=eta, backend="reference")
         assert_matches(p[0], ref_p[0].double(), 4 * RTOL[dtype],
                        f"perturb_ {name}: {backend} vs reference")
+
+
+# ---------------------------------------------------------------------------- lerp_sum_sq_
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+def test_lerp_with_theta_near_one_keeps_1_minus_theta_accurate(backend_device, dtype):
+    """(1 - theta) is formed in float64 and rounded once, as the reference does: 1 - fl32(theta)
+    in fp32 is 1.0014e-5 for theta = 0.99999 (0.14% off), which the property suite caught as a
+    cpu result out of tolerance."""
+    backend, device = backend_device
+    theta = 0.99999
+    ema = [_t([1.0, -3.0, 250.0], dtype, device)]
+    g = [_t([0.0, 0.0, 0.0], dtype, device)]
+    want = (1.0 - theta) * _f64(ema[0])
+    out = ops.lerp_sum_sq_(ema, g, theta, backend=backend)
+    assert_matches(ema[0], _stored(want, dtype), RTOL[dtype], f"lerp_sum_sq_ ({backend})")
+    # Σ of the values as stored (the Triton interpreter truncates to bf16 instead of rounding)
+    assert_matches(out, (_f64(ema[0]) ** 2).sum(), 1e-12, "lerp_sum_sq_ result")

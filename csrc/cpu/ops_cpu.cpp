@@ -214,12 +214,13 @@ at::Tensor lerp_sum_sq_(at::TensorList ema, at::TensorList g, double theta) {
       SAM_KERNELS_DISPATCH(ema[c.tensor].scalar_type(), "lerp_sum_sq_", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const acc_t th = static_cast<acc_t>(theta);
+        const acc_t keep = static_cast<acc_t>(1.0 - theta);
         scalar_t* e = span<scalar_t>(e_ptrs, c);
         const scalar_t* gp = span<scalar_t>(g_ptrs, c);
         double sum[1];
         lane_sums<double>(c.size, [&](int64_t i, double* v) {
           // The norm is of the value as stored, so it matches the direction used afterwards.
-          const scalar_t stored = static_cast<scalar_t>(lerped<acc_t>(e[i], gp[i], th));
+          const scalar_t stored = static_cast<scalar_t>(lerped<acc_t>(e[i], gp[i], keep, th));
           e[i] = stored;
           v[0] = square_sum_term(stored);
         }, sum);

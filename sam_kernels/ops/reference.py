@@ -251,8 +251,9 @@ def lerp_sum_sq_(ema: Tensors, g: Tensors, theta: float) -> torch.Tensor:
     for idx in _by_dtype(ema).values():
         ge = [ema[i] for i in idx]
         work = _upcast(ge)
-        torch._foreach_mul_(work, 1.0 - theta)
-        torch._foreach_add_(work, _upcast([g[i] for i in idx]), alpha=theta)
+        torch._foreach_mul_(work, 1.0 - theta)  # 1 - theta in fp64, rounded once (as the kernels)
+        # a separate product and sum, as the kernels (torch's add with alpha may fuse an FMA)
+        torch._foreach_add_(work, torch._foreach_mul(_upcast([g[i] for i in idx]), theta))
         _store(ge, work)
     _sum_of_squares(ema, out)  # of the stored (rounded) values, as the kernels do
     return out
@@ -272,7 +273,8 @@ def axpby_(ys: Tensors, xs: Tensors, a: float, b: float) -> None:
             continue
         work = _upcast(gy)
         torch._foreach_mul_(work, b)
-        torch._foreach_add_(work, gx, alpha=a)
+        # a separate product and sum, as the kernels (torch's add with alpha may fuse an FMA)
+        torch._foreach_add_(work, torch._foreach_mul(gx, a))
         _store(gy, work)
 
 

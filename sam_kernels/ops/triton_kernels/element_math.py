@@ -74,9 +74,10 @@ def orth_combined(d, m, gamma, c):
 
 
 @device_function
-def lerped(ema, g, theta):
-    """lerp_sum_sq_: (1 - theta) * ema + theta * g."""
-    return (1.0 - theta) * ema + theta * g
+def lerped(ema, g, keep, theta):
+    """lerp_sum_sq_: (1 - theta) * ema + theta * g, keep = 1 - theta formed in fp64 on the host
+    and rounded once."""
+    return keep * ema + theta * g
 
 
 @device_function

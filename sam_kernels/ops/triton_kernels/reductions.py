@@ -91,18 +91,19 @@ def _dot_sum_sq_kernel(table, n_tensors, partials, first_partial, N_LISTS: tl.co
 
 
 @device_function
-def _lerp_sum_sq_block(e_ptr, g_ptr, offsets, numel, theta, DTYPE: tl.constexpr,
+def _lerp_sum_sq_block(e_ptr, g_ptr, offsets, numel, keep, theta, DTYPE: tl.constexpr,
                        ACC: tl.constexpr, MASKED: tl.constexpr):
     e = blocks.load(e_ptr, offsets, numel, MASKED).to(ACC)
     g = blocks.load(g_ptr, offsets, numel, MASKED).to(ACC)
-    stored = element_math.lerped(e, g, theta).to(DTYPE)
+    stored = element_math.lerped(e, g, keep, theta).to(DTYPE)
     blocks.store(e_ptr, offsets, stored, numel, MASKED)
     # The norm is of the value as stored, so it matches the direction used afterwards.
     return blocks.block_sum(element_math.square_sum_term(stored), axis=0)
 
 
 @triton.jit
-def _lerp_sum_sq_kernel(table, n_tensors, partials, first_partial, theta: tl.float64,
+def _lerp_sum_sq_kernel(table, n_tensors, partials, first_partial, keep: tl.float64,
+                        theta: tl.float64,
                         N_LISTS: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
                         ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     tensor, start, numel = blocks.program_block(table, n_tensors, N_LISTS, BLOCK)
@@ -110,10 +111,13 @@ def _lerp_sum_sq_kernel(table, n_tensors, partials, first_partial, theta: tl.flo
     g_ptr = blocks.list_ptr(table, n_tensors, 1, tensor, DTYPE, ALIGNED)
     offsets = start + tl.arange(0, BLOCK)
     theta_acc = blocks.scalar_arg(theta, ACC)
+    keep_acc = blocks.scalar_arg(keep, ACC)
     if start + BLOCK <= numel:
-        part = _lerp_sum_sq_block(e_ptr, g_ptr, offsets, numel, theta_acc, DTYPE, ACC, False)
+        part = _lerp_sum_sq_block(e_ptr, g_ptr, offsets, numel, keep_acc, theta_acc, DTYPE, ACC,
+                                  False)
     else:
-        part = _lerp_sum_sq_block(e_ptr, g_ptr, offsets, numel, theta_acc, DTYPE, ACC, True)
+        part = _lerp_sum_sq_block(e_ptr, g_ptr, offsets, numel, keep_acc, theta_acc, DTYPE, ACC,
+                                  True)
     tl.store(partials + first_partial + tl.program_id(0), part.to(tl.float64))
 
 
@@ -177,7 +181,7 @@ def dot_sum_sq(a: Tensors, b: Tensors) -> torch.Tensor:
 
 def lerp_sum_sq_(ema: Tensors, g: Tensors, theta: float) -> torch.Tensor:
     return _reduce("lerp_sum_sq_", [ema, g], lambda: _checks.check_lerp_sum_sq(ema, g), 1,
-                   _lerp_sum_sq_kernel, float(theta))
+                   _lerp_sum_sq_kernel, 1.0 - float(theta), float(theta))
 
 
 def sum_sq_per_tensor(xs: Tensors) -> torch.Tensor:
