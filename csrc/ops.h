@@ -17,6 +17,9 @@ namespace sam_kernels {
                      double gamma, double eps);                                             \
   at::Tensor lerp_sum_sq_(at::TensorList ema, at::TensorList g, double theta);              \
   void axpby_(at::TensorList ys, at::TensorList xs, double a, double b);                    \
+  void scale_(at::TensorList xs, const at::Tensor& factor);                                 \
+  void add_scaled_(at::TensorList ys, at::TensorList xs, const at::Tensor& alpha);          \
+  at::Tensor sum_sq_per_tensor(at::TensorList xs);                                          \
   }
 
 SAM_KERNELS_DECLARE_BACKEND(cpu)

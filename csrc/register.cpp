@@ -19,6 +19,9 @@ TORCH_LIBRARY(sam_kernels, m) {
   m.def("orth_combine_(Tensor(a!)[] d, Tensor[] m, Tensor stats, float gamma, float eps) -> ()");
   m.def("lerp_sum_sq_(Tensor(a!)[] ema, Tensor[] g, float theta) -> Tensor");
   m.def("axpby_(Tensor(a!)[] ys, Tensor[] xs, float a, float b) -> ()");
+  m.def("scale_(Tensor(a!)[] xs, Tensor factor) -> ()");
+  m.def("add_scaled_(Tensor(a!)[] ys, Tensor[] xs, Tensor alpha) -> ()");
+  m.def("sum_sq_per_tensor(Tensor[] xs) -> Tensor");
 }
 
 #define SAM_KERNELS_REGISTER_BACKEND(KEY, ns)        \
@@ -30,6 +33,9 @@ TORCH_LIBRARY(sam_kernels, m) {
     m.impl("orth_combine_", &sam_kernels::ns::orth_combine_); \
     m.impl("lerp_sum_sq_", &sam_kernels::ns::lerp_sum_sq_); \
     m.impl("axpby_", &sam_kernels::ns::axpby_);      \
+    m.impl("scale_", &sam_kernels::ns::scale_);      \
+    m.impl("add_scaled_", &sam_kernels::ns::add_scaled_); \
+    m.impl("sum_sq_per_tensor", &sam_kernels::ns::sum_sq_per_tensor); \
   }
 
 SAM_KERNELS_REGISTER_BACKEND(CPU, cpu)
@@ -113,16 +119,18 @@ void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ke
 // not-implemented fallback (backward through a result raises instead of returning a silently
 // wrong gradient), the writing ops the kernels above.
 TORCH_LIBRARY_IMPL(sam_kernels, Autograd, m) {
-  for (const char* name : {"sum_sq", "dot_sum_sq"}) {
+  for (const char* name : {"sum_sq", "dot_sum_sq", "sum_sq_per_tensor"}) {
     m.impl(name, torch::autograd::autogradNotImplementedFallback());
   }
-  for (const char* name : {"perturb_", "restore_", "orth_combine_", "lerp_sum_sq_", "axpby_"}) {
+  for (const char* name : {"perturb_", "restore_", "orth_combine_", "lerp_sum_sq_", "axpby_",
+                           "scale_", "add_scaled_"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&refuse_grad_then_run>());
   }
 }
 
 TORCH_LIBRARY_IMPL(sam_kernels, ADInplaceOrView, m) {
-  for (const char* name : {"perturb_", "restore_", "orth_combine_", "lerp_sum_sq_", "axpby_"}) {
+  for (const char* name : {"perturb_", "restore_", "orth_combine_", "lerp_sum_sq_", "axpby_",
+                           "scale_", "add_scaled_"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
   }
 }

@@ -79,6 +79,25 @@ def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
     return sum((x.double() * y.double()).sum() for x, y in zip(a, b))
 
 
+def _grad(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
+          grad_outputs: Optional[Sequence[torch.Tensor]] = None, create_graph: bool = False,
+          retain_graph: Optional[bool] = None) -> List[torch.Tensor]:
+    """torch.autograd.grad with a zero block wherever the outputs do not depend on an input: a
+    parameter the loss does not use has no gradient (None), and the gradient of a parameter the
+    loss is linear in is a constant not connected to the graph; both are zero blocks of the
+    Hessian, not errors."""
+    gos = list(grad_outputs) if grad_outputs is not None else [None] * len(outputs)
+    keep = [(o, g) for o, g in zip(outputs, gos) if o.requires_grad]
+    got: Sequence[Optional[torch.Tensor]] = [None] * len(inputs)
+    if keep:
+        got = torch.autograd.grad([o for o, _ in keep], inputs,
+                                  grad_outputs=None if grad_outputs is None
+                                  else [g for _, g in keep],
+                                  create_graph=create_graph, retain_graph=retain_graph,
+                                  allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(inputs, got)]
+
+
 def hessian_top_eigenvalue(model: nn.Module, loss_fn: LossFn, batches: Any, iters: int = 100,
                            tol: float = 1e-4, bn: str = "eval",
                            params: Optional[Sequence[torch.Tensor]] = None,
@@ -104,15 +123,15 @@ def hessian_top_eigenvalue(model: nn.Module, loss_fn: LossFn, batches: Any, iter
         cached = None
         if len(data) == 1:
             x, y = data[0]
-            cached = torch.autograd.grad(loss_fn(model(x), y), ps, create_graph=True)
+            cached = _grad([loss_fn(model(x), y)], ps, create_graph=True)
 
         def hvp(vec):
             if cached is not None:
-                return torch.autograd.grad(cached, ps, grad_outputs=vec, retain_graph=True)
+                return _grad(cached, ps, grad_outputs=vec, retain_graph=True)
             total = None
             for x, y in data:
-                grads = torch.autograd.grad(loss_fn(model(x), y), ps, create_graph=True)
-                part = torch.autograd.grad(grads, ps, grad_outputs=vec)
+                grads = _grad([loss_fn(model(x), y)], ps, create_graph=True)
+                part = _grad(grads, ps, grad_outputs=vec)
                 total = list(part) if total is None else [a + b for a, b in zip(total, part)]
             return [t / len(data) for t in total]
 

@@ -375,3 +375,115 @@ def _make_test(op, backend):
 def test_primitive_properties(op, backend):
     torch.set_num_threads(1)
     _make_test(op, backend)()
+
+
+# ---------------------------------------------------------------------------- non-finite input
+# Issue 19: the reference backend is the definition on non-finite and extreme input too. Random
+# lists with ±inf, NaN, values near the dtype's largest, subnormals and zeros injected, random
+# scalars including ones that round to 0 in fp32; every other backend must give the reference's
+# result: NaN where it has NaN, the same infinity, and finite values within rounding.
+NONFINITE_OPS = ("sum_sq", "dot_sum_sq", "perturb_", "orth_combine_", "lerp_sum_sq_", "axpby_",
+                 "scale_", "add_scaled_", "sum_sq_per_tensor")
+NONFINITE_EXAMPLES = {"cpu": 40, "triton": 8}
+
+
+def _special(kind, dtype, backend):
+    info = torch.finfo(dtype)
+    if kind == "sub" and dtype == torch.bfloat16 and backend == "triton":
+        kind = "zero"  # the Triton interpreter flushes bf16 subnormals to 0 when it loads them
+    # fp64: stay where squares and their sums cannot overflow fp64 (where the summation order
+    # would decide between inf and a finite sum)
+    big = 1e150 if dtype == torch.float64 else float(info.max) * 0.75
+    return {"inf": math.inf, "-inf": -math.inf, "nan": math.nan, "big": big, "-big": -big,
+            "sub": float(info.smallest_normal) / 4, "zero": 0.0}[kind]
+
+
+@st.composite
+def nonfinite_examples(draw, op, backend):
+    gen = Gen(draw(st.integers(0, 2 ** 31 - 1)))
+    n = draw(st.integers(1, 4 if backend != "triton" else 2))
+    n_lists = {"sum_sq": 2, "perturb_": 2, "scale_": 1, "sum_sq_per_tensor": 1}.get(op, 2)
+    kinds = st.sampled_from(("inf", "-inf", "nan", "big", "-big", "sub", "zero"))
+    lists = [[] for _ in range(n_lists)]
+    for _ in range(n):
+        dtype = draw(st.sampled_from(DTYPES))
+        size = draw(st.sampled_from((1, 3, 17, 65)))
+        for xs in lists:
+            t = gen.values((size,), dtype)
+            for _ in range(draw(st.integers(0, 3))):
+                t[draw(st.integers(0, size - 1))] = _special(draw(kinds), dtype, backend)
+            xs.append(t)
+    if op == "sum_sq" and draw(st.booleans()):
+        lists[1] = []
+    num = st.sampled_from((0.0, 1e-50, -0.75, 1.0, 2.5, 1e30, math.inf))
+    scalars = {
+        "eta": draw(st.sampled_from((0.0, 0.05))), "rho": draw(st.sampled_from((0.05, 1.0))),
+        "eps": draw(st.sampled_from((0.0, 1e-12))), "adaptive": draw(st.booleans()),
+        "sum_sq": torch.tensor(draw(st.sampled_from((1e-40, 1e-20, 1.0, 1e40, math.inf))),
+                               dtype=torch.float64),
+        "stats": torch.tensor([draw(st.sampled_from((-1e30, -1.0, 0.0, 2.0, 1e30))),
+                               draw(st.sampled_from((1.0, 4.0, 1e60))),
+                               draw(st.sampled_from((1e-30, 1.0, 9.0)))], dtype=torch.float64),
+        "gamma": draw(st.sampled_from((0.0, -0.5, 0.5, 2.0))),
+        "theta": draw(st.sampled_from((0.0, 0.3, 0.99999, 1.0))),
+        "a": draw(num), "b": draw(num),
+        "factor": torch.tensor(draw(num), dtype=torch.float64) if draw(st.booleans())
+        else torch.tensor([draw(num) for _ in range(n)], dtype=torch.float64),
+    }
+    return lists, scalars
+
+
+def _call_any(op, lists, s, backend):
+    if op == "scale_":
+        return ops.scale_(lists[0], s["factor"], backend=backend)
+    if op == "add_scaled_":
+        return ops.add_scaled_(lists[0], lists[1], s["factor"], backend=backend)
+    if op == "sum_sq_per_tensor":
+        return ops.sum_sq_per_tensor(lists[0], backend=backend)
+    if op == "perturb_":
+        lists = lists + [[]]
+    return _call(op, lists, s, backend)
+
+
+def _assert_same_as_reference(got, ref, rtol, what):
+    g, r = got.detach().double().reshape(-1), ref.detach().double().reshape(-1)
+    assert bool((torch.isnan(g) == torch.isnan(r)).all()), f"{what}: NaN differs: {g} vs {r}"
+    assert bool((torch.isposinf(g) == torch.isposinf(r)).all() and
+                (torch.isneginf(g) == torch.isneginf(r)).all()), f"{what}: inf differs: {g} vs {r}"
+    if rtol is None:  # the classes only
+        return
+    fin = torch.isfinite(r)
+    tiny = 2.0 ** -133  # a couple of fp32 subnormal spacings
+    ok = (g[fin] - r[fin]).abs() <= rtol * r[fin].abs() + tiny
+    assert bool(ok.all()), f"{what}: {g[fin][~ok].tolist()} vs {r[fin][~ok].tolist()}"
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("op", NONFINITE_OPS)
+def test_non_finite_input_matches_the_reference(op, backend):
+    torch.set_num_threads(1)
+
+    @settings(max_examples=NONFINITE_EXAMPLES[backend], deadline=None, derandomize=True,
+              suppress_health_check=list(HealthCheck), database=None)
+    @given(example=nonfinite_examples(op, backend))
+    def run(example):
+        lists, s = example
+        mine = [[t.clone() for t in xs] for xs in lists]
+        ref = [[t.clone() for t in xs] for xs in lists]
+        out = _call_any(op, mine, s, backend)
+        ref_out = _call_any(op, ref, s, "reference")
+        if out is not None:
+            # reductions sum in different orders: cancellation leaves rounding of the terms
+            terms = sum(float((t.double() ** 2).sum()) for xs in lists for t in xs
+                        if bool(torch.isfinite(t).all()))
+            g, r = out.double(), ref_out.double()
+            _assert_same_as_reference(g, r, None, f"{op} result")
+            fin = torch.isfinite(r)
+            scale = r.abs() + terms
+            assert bool(((g - r).abs()[fin] <= 2e-5 * scale[fin] + 1e-300).all()), \
+                f"{op}: {g.tolist()} vs {r.tolist()}"
+        for k in range(len(lists)):
+            for a, b in zip(mine[k], ref[k]):
+                rtol = 2.0 ** -7 if a.dtype == torch.bfloat16 else TOL[a.dtype][0]
+                _assert_same_as_reference(a, b, rtol, f"{op} list {k}")
+    run()

@@ -193,3 +193,61 @@ def test_last_surrogate_gap(name):
         assert float(gap) != 0.0
     periodic = ("VaSSORe", "LookSAM", "IntervalSAM", "MomentumSAM")
     assert (one_pass_steps > 0) == (name in periodic)
+
+
+# ----------------------------------------------------------------------------- issue 19
+class _PartlyLinear(torch.nn.Module):
+    """A loss (the model's output) that is non-linear in `w`, linear in `a` (its gradient is a
+    constant, not connected to the graph), and does not use `unused` at all."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(3, 2, dtype=torch.float64))
+        self.a = torch.nn.Parameter(torch.randn(2, dtype=torch.float64))
+        self.unused = torch.nn.Parameter(torch.randn(4, dtype=torch.float64))
+
+    def forward(self, x):
+        return (torch.tanh(x @ self.w) ** 2).mean() + 0.5 * self.a.sum()
+
+
+def _explicit_top_eigenvalue(model, batches):
+    """Largest-magnitude eigenvalue of the full Hessian (zero blocks included) of the mean loss,
+    by torch.autograd.functional.hessian over the flattened parameters."""
+    named = list(model.named_parameters())
+    flat0 = torch.cat([p.detach().reshape(-1) for _, p in named])
+
+    def loss(flat):
+        tensors, i = {}, 0
+        for name, p in named:
+            tensors[name] = flat[i:i + p.numel()].view(p.shape)
+            i += p.numel()
+        return sum(torch.func.functional_call(model, tensors, (x,)) for x, _ in batches) / \
+            len(batches)
+    h = torch.autograd.functional.hessian(loss, flat0)
+    assert h.shape == (flat0.numel(), flat0.numel())
+    eig = torch.linalg.eigvalsh(h)
+    return float(eig[eig.abs().argmax()])
+
+
+@pytest.mark.parametrize("n_batches", [1, 2], ids=["one-batch", "two-batches"])
+def test_top_eigenvalue_with_an_unused_and_a_linear_parameter(n_batches):
+    """Issue 19: the Hessian-vector product of a parameter the loss does not use (None) or is
+    linear in (a gradient not connected to the graph) raised; both are zero blocks."""
+    torch.manual_seed(3)
+    model = _PartlyLinear()
+    batches = [(torch.randn(8, 3, dtype=torch.float64), None) for _ in range(n_batches)]
+    expected = _explicit_top_eigenvalue(model, batches)
+    assert abs(expected) > 1e-3  # the non-linear part gives a non-zero eigenvalue
+    before = [p.detach().clone() for p in model.parameters()]
+    res = hessian_top_eigenvalue(model, lambda out, _: out, batches, iters=2000, tol=1e-12)
+    assert res.converged
+    assert abs(res.value - expected) < 1e-6 * abs(expected), (res, expected)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_top_eigenvalue_of_a_loss_linear_in_every_parameter_is_zero():
+    model = _PartlyLinear()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    res = hessian_top_eigenvalue(model, lambda out, _: out, (x, None),
+                                 params=[model.a, model.unused])
+    assert res == (0.0, 1, True)

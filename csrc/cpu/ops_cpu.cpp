@@ -4,6 +4,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
+#include <utility>
+#include <vector>
+
 #include "../ops.h"
 #include "multi_tensor_cpu.h"
 #include "sam_kernels/element_math.h"
@@ -211,12 +214,13 @@ at::Tensor lerp_sum_sq_(at::TensorList ema, at::TensorList g, double theta) {
       SAM_KERNELS_DISPATCH(ema[c.tensor].scalar_type(), "lerp_sum_sq_", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const acc_t th = static_cast<acc_t>(theta);
+        const acc_t keep = static_cast<acc_t>(1.0 - theta);
         scalar_t* e = span<scalar_t>(e_ptrs, c);
         const scalar_t* gp = span<scalar_t>(g_ptrs, c);
         double sum[1];
         lane_sums<double>(c.size, [&](int64_t i, double* v) {
           // The norm is of the value as stored, so it matches the direction used afterwards.
-          const scalar_t stored = static_cast<scalar_t>(lerped<acc_t>(e[i], gp[i], th));
+          const scalar_t stored = static_cast<scalar_t>(lerped<acc_t>(e[i], gp[i], keep, th));
           e[i] = stored;
           v[0] = square_sum_term(stored);
         }, sum);
@@ -250,6 +254,87 @@ void axpby_(at::TensorList ys, at::TensorList xs, double a, double b) {
       });
     });
   });
+}
+
+namespace {
+// The factor of each tensor of a scale_/add_scaled_ call (a 0-d factor repeated), in double.
+std::vector<double> read_factors(const at::Tensor& factor, size_t n) {
+  std::vector<double> out(n);
+  for (size_t i = 0; i < n; ++i) {
+    out[i] = read_scalar(factor, factor.dim() == 0 ? 0 : static_cast<int64_t>(i));
+  }
+  return out;
+}
+}  // namespace
+
+void scale_(at::TensorList xs, const at::Tensor& factor) {
+  check_list("scale_", "xs", xs);
+  check_factor_tensor("scale_", "factor", factor, static_cast<int64_t>(xs.size()), kCPU);
+  check_no_overlap("scale_", {{"xs", xs, true}}, "factor", &factor);
+  const std::vector<double> factors = read_factors(factor, xs.size());
+  const WorkPlan plan(xs);
+  const auto x_ptrs = data_pointers(xs);
+  plan.run([&](int64_t k) {
+    plan.for_each_piece(k, [&](const Piece& c) {
+      SAM_KERNELS_DISPATCH(xs[c.tensor].scalar_type(), "scale_", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const acc_t f = static_cast<acc_t>(factors[c.tensor]);
+        scalar_t* x = span<scalar_t>(x_ptrs, c);
+        for (int64_t i = 0; i < c.size; ++i) x[i] = scaled<acc_t>(x[i], f);
+      });
+    });
+  });
+}
+
+void add_scaled_(at::TensorList ys, at::TensorList xs, const at::Tensor& alpha) {
+  check_list("add_scaled_", "ys", ys);
+  check_list("add_scaled_", "xs", xs);
+  check_paired_lists("add_scaled_", "ys", ys, "xs", xs);
+  check_factor_tensor("add_scaled_", "alpha", alpha, static_cast<int64_t>(ys.size()), kCPU);
+  check_no_overlap("add_scaled_", {{"ys", ys, true}, {"xs", xs, false}}, "alpha", &alpha);
+  const std::vector<double> alphas = read_factors(alpha, ys.size());
+  const WorkPlan plan(ys);
+  const auto y_ptrs = data_pointers(ys);
+  const auto x_ptrs = const_data_pointers(xs);
+  plan.run([&](int64_t k) {
+    plan.for_each_piece(k, [&](const Piece& c) {
+      SAM_KERNELS_DISPATCH(ys[c.tensor].scalar_type(), "add_scaled_", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const acc_t a = static_cast<acc_t>(alphas[c.tensor]);
+        scalar_t* y = span<scalar_t>(y_ptrs, c);
+        const scalar_t* x = span<scalar_t>(x_ptrs, c);
+        for (int64_t i = 0; i < c.size; ++i) y[i] = add_scaled<acc_t>(y[i], x[i], a);
+      });
+    });
+  });
+}
+
+at::Tensor sum_sq_per_tensor(at::TensorList xs) {
+  check_list("sum_sq_per_tensor", "xs", xs);
+  const WorkPlan plan(xs);
+  const auto x_ptrs = const_data_pointers(xs);
+  // Each item records (tensor, sum) per piece; a tensor's total adds its pieces in item order,
+  // so the result depends only on the shapes (as sum_sq's), not on the thread count.
+  std::vector<std::vector<std::pair<int64_t, double>>> partials(plan.items());
+  plan.run([&](int64_t k) {
+    plan.for_each_piece(k, [&](const Piece& c) {
+      SAM_KERNELS_DISPATCH(xs[c.tensor].scalar_type(), "sum_sq_per_tensor", [&] {
+        const scalar_t* x = span<scalar_t>(x_ptrs, c);
+        double sum[1];
+        lane_sums<double>(c.size, [&](int64_t i, double* v) {
+          v[0] = square_sum_term(x[i]);
+        }, sum);
+        partials[k].emplace_back(c.tensor, sum[0]);
+      });
+    });
+  });
+  at::Tensor out = at::zeros({static_cast<int64_t>(xs.size())},
+                             at::TensorOptions().dtype(at::kDouble));
+  double* totals = out.mutable_data_ptr<double>();
+  for (const auto& item : partials) {
+    for (const auto& piece : item) totals[piece.first] += piece.second;
+  }
+  return out;
 }
 
 }  // namespace cpu

@@ -27,6 +27,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <vector>
@@ -67,9 +68,10 @@ constexpr int elems_per_vector() {
 }
 
 constexpr int max_tensors_per_launch(int depth) {
-  // per tensor: `depth` addresses, its numel and its block end; besides: first_block, n_tensors,
-  // the partials pointer and up to 8 bytes of padding (depth 1: 190 tensors, 2: 136, 3: 105).
-  return (kArgBytes - kFunctorArgBytes - 8 - 4 - 8 - 8) / (8 * (depth + 1) + 4);
+  // per tensor: `depth` addresses, its numel, its block end and its position in the call's
+  // lists; besides: first_block, n_tensors, the partials pointer and up to 8 bytes of padding
+  // (depth 1: 158 tensors, 2: 119, 3: 95).
+  return (kArgBytes - kFunctorArgBytes - 8 - 4 - 8 - 8) / (8 * (depth + 1) + 4 + 4);
 }
 
 // Kernel argument: what one launch processes.
@@ -82,6 +84,8 @@ struct TensorListMeta {
   int64_t numel[kMaxTensors];
   // blocks of slots 0..s together: slot s has blocks [block_end[s-1], block_end[s])
   int32_t block_end[kMaxTensors];
+  // position of slot s's tensor in the call's lists (per-tensor factors, per-tensor sums)
+  int32_t index[kMaxTensors];
 };
 
 // The slot of block `block`: the first s with block_end[s] > block (block_end increases).
@@ -150,7 +154,8 @@ __device__ __forceinline__ bool all_aligned(T* const (&ptrs)[kDepth]) {
 // One block = one chunk of one tensor of every list. The functor `Op` provides:
 //   scalar_t, acc_t, kDepth (number of lists), kSums (values a reduction returns, 0 for none),
 //   reads(l) / writes(l): whether list l is loaded / stored,
-//   load_scalars(): reads its device scalars once per thread,
+//   load_scalars(tensor): reads its device scalars once per thread (`tensor`: the position of
+//     the block's tensor in the call's lists, for per-tensor factors),
 //   operator()(scalar_t (&x)[kDepth], acc_t (&sums)[..]): one element of every list, in place.
 template <typename Op>
 __global__ void __launch_bounds__(kBlockThreads)
@@ -177,7 +182,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 
   Op op = op_arg;
-  op.load_scalars();
+  op.load_scalars(meta.index[slot]);
   acc_t sums[Op::kSums > 0 ? Op::kSums : 1] = {};
 
   if (all_aligned<scalar_t, kDepth>(ptrs)) {
@@ -361,6 +366,7 @@ void launch_group(const TensorLists<Op::kDepth>& lists, const std::vector<size_t
                                        : const_cast<void*>(lists[l][i].const_data_ptr());
     }
     meta.numel[tensors] = numel;
+    meta.index[tensors] = static_cast<int32_t>(i);
     blocks += chunks;
     meta.block_end[tensors] = static_cast<int32_t>(blocks);
     if (++tensors == Meta::kMaxTensors) launch();
@@ -394,6 +400,45 @@ void multi_tensor_apply(const TensorLists<kDepth>& lists, const MakeOp& make_op,
       launch_group<Op>(lists, groups[g], make_op(TypeTag<scalar_t>{}), partials, first_block);
     });
   }
+}
+
+// The first block (in the numbering of multi_tensor_apply: dtype groups in order of first
+// appearance, tensors in list order within a group, empty tensors skipped) and the number of
+// blocks of every tensor of `xs`, in list order: [first(0..n-1) | count(0..n-1)].
+inline std::vector<int64_t> block_ranges(at::TensorList xs) {
+  const size_t n = xs.size();
+  std::vector<int64_t> ranges(2 * n, 0);
+  std::vector<at::ScalarType> dtypes;
+  for (size_t i = 0; i < n; ++i) {
+    if (std::find(dtypes.begin(), dtypes.end(), xs[i].scalar_type()) == dtypes.end()) {
+      dtypes.push_back(xs[i].scalar_type());
+    }
+  }
+  int64_t next = 0;
+  for (const at::ScalarType dtype : dtypes) {
+    for (size_t i = 0; i < n; ++i) {
+      if (xs[i].scalar_type() != dtype) continue;
+      const int64_t chunks = (xs[i].numel() + kChunkElems - 1) / kChunkElems;
+      ranges[i] = next;
+      ranges[n + i] = chunks;
+      next += chunks;
+    }
+  }
+  return ranges;
+}
+
+// Stage two of a per-tensor reduction: block t sums the partials of tensor t (ranges as
+// block_ranges, on the device) in a fixed order into out[t].
+__global__ void __launch_bounds__(kBlockThreads)
+    finalize_per_tensor(const double* __restrict__ partials, const int64_t* __restrict__ ranges,
+                        int64_t n_tensors, double* __restrict__ out) {
+  const int64_t t = blockIdx.x;
+  const int64_t first = ranges[t];
+  const int64_t count = ranges[n_tensors + t];
+  double s[1] = {0.0};
+  for (int64_t b = threadIdx.x; b < count; b += kBlockThreads) s[0] += partials[first + b];
+  block_sum(s);
+  if (threadIdx.x == 0) out[t] = s[0];
 }
 
 // A reduction: partials from multi_tensor_apply, then finalize_sums into a new tensor of

@@ -17,7 +17,7 @@ namespace {
 // Defaults for functors: every list is read, no device scalar to load.
 struct ReadsEveryList {
   __device__ bool reads(int) const { return true; }
-  __device__ void load_scalars() {}
+  __device__ void load_scalars(int) {}
 };
 
 // A float32/float64 device tensor of scalars, read inside the kernels (never on the host).
@@ -92,7 +92,7 @@ struct PerturbOp {
   PerturbOp(const at::Tensor& sum_sq, double rho, double eps, bool adaptive, double eta)
       : sum_sq(sum_sq), rho(rho), eps(eps), eta(static_cast<acc_t>(eta)), adaptive(adaptive) {}
 
-  __device__ void load_scalars() {
+  __device__ void load_scalars(int) {
     scale = static_cast<acc_t>(perturb_scale<double>(sum_sq[0], rho, eps));
   }
   __device__ void operator()(T (&x)[kDepth], acc_t (&)[1]) const {
@@ -110,7 +110,7 @@ struct RestoreOp {
   static constexpr int kSums = 0;
   __host__ __device__ static constexpr bool writes(int l) { return l == 0; }
   __device__ bool reads(int l) const { return l == 1; }
-  __device__ void load_scalars() {}
+  __device__ void load_scalars(int) {}
 
   __device__ void operator()(T (&x)[kDepth], acc_t (&)[1]) const { x[0] = x[1]; }
 };
@@ -132,7 +132,7 @@ struct OrthCombineOp : ReadsEveryList {
   OrthCombineOp(const at::Tensor& stats, double gamma, double eps)
       : stats(stats), gamma(static_cast<acc_t>(gamma)), eps(eps) {}
 
-  __device__ void load_scalars() {
+  __device__ void load_scalars(int) {
     coef = static_cast<acc_t>(orth_coefficient<double>(stats[0], stats[1], stats[2], eps));
   }
   __device__ void operator()(T (&x)[kDepth], acc_t (&)[1]) const {
@@ -152,10 +152,12 @@ struct LerpSumSqOp : ReadsEveryList {
   __host__ __device__ static constexpr bool writes(int l) { return l == 0; }
 
   math_t theta;
-  explicit LerpSumSqOp(double theta) : theta(static_cast<math_t>(theta)) {}
+  math_t keep;  // 1 - theta, formed in double and rounded once
+  explicit LerpSumSqOp(double theta)
+      : theta(static_cast<math_t>(theta)), keep(static_cast<math_t>(1.0 - theta)) {}
 
   __device__ void operator()(T (&x)[kDepth], acc_t (&sums)[kSums]) const {
-    x[0] = static_cast<T>(lerped<math_t>(x[0], x[1], theta));
+    x[0] = static_cast<T>(lerped<math_t>(x[0], x[1], keep, theta));
     sums[0] += square_sum_term(x[0]);
   }
 };
@@ -169,13 +171,56 @@ struct AxpbyOp {
   static constexpr int kSums = 0;
   __host__ __device__ static constexpr bool writes(int l) { return l == 0; }
   __device__ bool reads(int l) const { return l == 1 || b != acc_t(0); }
-  __device__ void load_scalars() {}
+  __device__ void load_scalars(int) {}
 
   acc_t a, b;
   AxpbyOp(double a, double b) : a(static_cast<acc_t>(a)), b(static_cast<acc_t>(b)) {}
 
   __device__ void operator()(T (&x)[kDepth], acc_t (&)[1]) const {
     x[0] = static_cast<T>(axpby<acc_t>(x[1], x[0], a, b));
+  }
+};
+
+// scale_. Lists: xs (written). The factor is read on the device: factor[0] for a 0-d factor
+// (stride 0), factor[tensor] for one per tensor (stride 1).
+template <typename T>
+struct ScaleOp : ReadsEveryList {
+  using scalar_t = T;
+  using acc_t = at::opmath_type<T>;
+  static constexpr int kDepth = 1;
+  static constexpr int kSums = 0;
+  __host__ __device__ static constexpr bool writes(int l) { return l == 0; }
+
+  DeviceScalars factor;
+  int stride;
+  acc_t f = 0;  // set by load_scalars on the device
+
+  explicit ScaleOp(const at::Tensor& factor) : factor(factor), stride(factor.dim() == 0 ? 0 : 1) {}
+
+  __device__ void load_scalars(int tensor) { f = static_cast<acc_t>(factor[tensor * stride]); }
+  __device__ void operator()(T (&x)[kDepth], acc_t (&)[1]) const {
+    x[0] = static_cast<T>(scaled<acc_t>(x[0], f));
+  }
+};
+
+// add_scaled_. Lists: ys (written), xs. alpha as ScaleOp's factor.
+template <typename T>
+struct AddScaledOp : ReadsEveryList {
+  using scalar_t = T;
+  using acc_t = at::opmath_type<T>;
+  static constexpr int kDepth = 2;
+  static constexpr int kSums = 0;
+  __host__ __device__ static constexpr bool writes(int l) { return l == 0; }
+
+  DeviceScalars alpha;
+  int stride;
+  acc_t a = 0;  // set by load_scalars on the device
+
+  explicit AddScaledOp(const at::Tensor& alpha) : alpha(alpha), stride(alpha.dim() == 0 ? 0 : 1) {}
+
+  __device__ void load_scalars(int tensor) { a = static_cast<acc_t>(alpha[tensor * stride]); }
+  __device__ void operator()(T (&x)[kDepth], acc_t (&)[1]) const {
+    x[0] = static_cast<T>(add_scaled<acc_t>(x[0], x[1], a));
   }
 };
 
@@ -285,6 +330,62 @@ void axpby_(at::TensorList ys, at::TensorList xs, double a, double b) {
   multi_tensor_apply<2>({ys, xs}, [&](auto tag) {
     return AxpbyOp<tag_t<decltype(tag)>>(a, b);
   });
+}
+
+void scale_(at::TensorList xs, const at::Tensor& factor) {
+  const c10::Device device = call_device({xs}, &factor);
+  check_list("scale_", "xs", xs, device);
+  check_factor_tensor("scale_", "factor", factor, static_cast<int64_t>(xs.size()),
+                      c10::DeviceType::CUDA);
+  TORCH_CHECK_VALUE(factor.device() == device, "scale_: factor is on ", factor.device(),
+                    " but the tensors are on ", device);
+  check_no_overlap("scale_", {{"xs", xs, true}}, "factor", &factor);
+  const c10::cuda::CUDAGuard guard(device);
+  multi_tensor_apply<1>({xs}, [&](auto tag) { return ScaleOp<tag_t<decltype(tag)>>(factor); });
+}
+
+void add_scaled_(at::TensorList ys, at::TensorList xs, const at::Tensor& alpha) {
+  const c10::Device device = call_device({ys, xs}, &alpha);
+  check_list("add_scaled_", "ys", ys, device);
+  check_list("add_scaled_", "xs", xs, device);
+  check_paired_lists("add_scaled_", "ys", ys, "xs", xs);
+  check_factor_tensor("add_scaled_", "alpha", alpha, static_cast<int64_t>(ys.size()),
+                      c10::DeviceType::CUDA);
+  TORCH_CHECK_VALUE(alpha.device() == device, "add_scaled_: alpha is on ", alpha.device(),
+                    " but the tensors are on ", device);
+  check_no_overlap("add_scaled_", {{"ys", ys, true}, {"xs", xs, false}}, "alpha", &alpha);
+  const c10::cuda::CUDAGuard guard(device);
+  multi_tensor_apply<2>({ys, xs}, [&](auto tag) {
+    return AddScaledOp<tag_t<decltype(tag)>>(alpha);
+  });
+}
+
+at::Tensor sum_sq_per_tensor(at::TensorList xs) {
+  const c10::Device device = call_device({xs});
+  check_list("sum_sq_per_tensor", "xs", xs, device);
+  const c10::cuda::CUDAGuard guard(device);
+  const auto options = at::TensorOptions().device(device);
+  const int64_t n = static_cast<int64_t>(xs.size());
+  at::Tensor out = at::zeros({n}, options.dtype(at::kDouble));
+  const int64_t n_blocks = count_chunks(xs);
+  if (n_blocks == 0) return out;
+  // stage one: one partial per block, as sum_sq
+  at::Tensor partials = at::empty({n_blocks}, options.dtype(at::kDouble));
+  multi_tensor_apply<1>({xs}, [](auto tag) {
+    return SumSqOp<tag_t<decltype(tag)>, false>(0.0);
+  }, partials.mutable_data_ptr<double>());
+  // stage two: each tensor's blocks, from a table copied through pinned memory without
+  // waiting for the GPU (the caching host allocator keeps the buffer until the copy is done)
+  const std::vector<int64_t> ranges = block_ranges(xs);
+  at::Tensor host = at::empty({2 * n}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  std::copy(ranges.begin(), ranges.end(), host.mutable_data_ptr<int64_t>());
+  at::Tensor table = host.to(device, /*non_blocking=*/true);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  finalize_per_tensor<<<static_cast<unsigned int>(n), kBlockThreads, 0, stream>>>(
+      partials.const_data_ptr<double>(), table.const_data_ptr<int64_t>(), n,
+      out.mutable_data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
 }
 
 }  // namespace cuda

@@ -20,6 +20,7 @@ Tensors = Sequence[torch.Tensor]
 
 __all__ = [
     "sum_sq", "dot_sum_sq", "perturb_", "restore_", "orth_combine_", "lerp_sum_sq_", "axpby_",
+    "scale_", "add_scaled_", "sum_sq_per_tensor",
     "available_backends", "backend_status", "BackendUnavailableError", "BACKENDS", "ENV_VAR",
 ]
 
@@ -83,3 +84,26 @@ def axpby_(ys: Tensors, xs: Tensors, a: float, b: float, *, backend: str = "auto
     """ys ← a · xs + b · ys (ys is not read when b == 0)."""
     ys, xs = _lists("axpby_", ys=ys, xs=xs)
     _backend(backend, ys).axpby_(ys, xs, float(a), float(b))
+
+
+def scale_(xs: Tensors, factor: torch.Tensor, *, backend: str = "auto") -> None:
+    """xs[i] ← factor · xs[i] in place. `factor` is a float32/float64 tensor on the tensors'
+    device, read there (never on the host): 0-d, one factor for every tensor (e.g. gradient
+    clipping's min(1, max_norm / (‖g‖ + 1e-6))), or 1-d of length len(xs), one per tensor."""
+    (xs,) = _lists("scale_", xs=xs)
+    _backend(backend, xs).scale_(xs, factor)
+
+
+def add_scaled_(ys: Tensors, xs: Tensors, alpha: torch.Tensor, *,
+                backend: str = "auto") -> None:
+    """ys[i] ← ys[i] + alpha · xs[i] in place (xs is only read). `alpha` is a float32/float64
+    tensor on the tensors' device: 0-d (one for every pair) or 1-d of length len(ys)."""
+    ys, xs = _lists("add_scaled_", ys=ys, xs=xs)
+    _backend(backend, ys).add_scaled_(ys, xs, alpha)
+
+
+def sum_sq_per_tensor(xs: Tensors, *, backend: str = "auto") -> torch.Tensor:
+    """[Σ x² of each tensor] as a float64 1-d tensor of length len(xs) (squares and sums in
+    float64, in a fixed order: the same result whatever the thread count)."""
+    (xs,) = _lists("sum_sq_per_tensor", xs=xs)
+    return _backend(backend, xs).sum_sq_per_tensor(xs)

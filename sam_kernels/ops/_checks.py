@@ -21,7 +21,8 @@ SUPPORTED_DTYPES = "float32, float64, float16 and bfloat16"
 
 # The lists each primitive writes (the others are only read); see csrc/register.cpp's schemas.
 WRITTEN = {"perturb_": ("params", "backup"), "restore_": ("params",), "orth_combine_": ("d",),
-           "lerp_sum_sq_": ("ema",), "axpby_": ("ys",)}
+           "lerp_sum_sq_": ("ema",), "axpby_": ("ys",), "scale_": ("xs",),
+           "add_scaled_": ("ys",)}
 
 
 # ---------------------------------------------------------------------------- 1. types
@@ -134,6 +135,25 @@ def check_scalar_tensor(op: str, name: str, t: torch.Tensor, numel: int, device_
         wanted = "shape () or (1,)" if numel == 1 else f"shape ({numel},)"
         raise ValueError(f"{op}: {name} must have {numel} element(s) ({wanted}), got shape "
                          f"{list(t.shape)}")
+    if t.layout != torch.strided or t.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{op}: {name} must be a dense float32 or float64 tensor, got "
+                         f"{t.dtype}" + ("" if t.layout == torch.strided else " (sparse)"))
+    if t.device.type != device_type:
+        raise ValueError(f"{op}: {name} is on {t.device} but the tensors are on {device_type}")
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous; pass {name}.contiguous()")
+
+
+def check_factor_tensor(op: str, name: str, t: torch.Tensor, n: int, device_type: str) -> None:
+    """A device factor of scale_/add_scaled_: 0-d (one factor for every tensor) or shape (n,)
+    (one per tensor of the n-tensor list); float32/float64, on the tensors' device, contiguous."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}; pass a 0-d "
+                        "tensor (one factor) or a 1-d tensor with one factor per tensor, on "
+                        "the tensors' device")
+    if not (t.dim() == 0 or (t.dim() == 1 and t.shape[0] == n)):
+        raise ValueError(f"{op}: {name} must be a 0-d tensor (one factor for every tensor) or "
+                         f"have one factor per tensor (shape ({n},)), got shape {list(t.shape)}")
     if t.layout != torch.strided or t.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"{op}: {name} must be a dense float32 or float64 tensor, got "
                          f"{t.dtype}" + ("" if t.layout == torch.strided else " (sparse)"))
@@ -266,26 +286,36 @@ SCHEMA_ORDER = {
     "sum_sq": ("xs", "weights"), "dot_sum_sq": ("a", "b"),
     "perturb_": ("params", "dirs", "sum_sq", "backup"), "restore_": ("params", "backup"),
     "orth_combine_": ("d", "m", "stats"), "lerp_sum_sq_": ("ema", "g"), "axpby_": ("ys", "xs"),
+    "scale_": ("xs", "factor"), "add_scaled_": ("ys", "xs", "alpha"), "sum_sq_per_tensor": ("xs",),
 }
 
 
 # ---------------------------------------------------------------------------- all checks
 def check_op(op: str, lists: Sequence[Tuple[str, Sequence[torch.Tensor]]],
              scalar: Optional[Tuple[str, torch.Tensor, int]] = None,
-             optional: Tuple[str, ...] = ()) -> None:
+             optional: Tuple[str, ...] = (), factor: Optional[Tuple[str, torch.Tensor]] = None
+             ) -> None:
     """All checks of one primitive call, in the order of the module docstring. Lists named in
     `optional` (`weights`, `backup`) are skipped when empty: the contract passes them empty when
-    they are not given."""
+    they are not given. `factor`: (name, tensor) of scale_/add_scaled_'s device factor, 0-d or
+    one per tensor of the first list (checked in place of a device scalar)."""
     check_types(op, lists, scalar)
+    if factor is not None and not isinstance(factor[1], torch.Tensor):
+        check_factor_tensor(op, factor[0], factor[1], len(lists[0][1]), "cpu")  # TypeError
     lists = [(n, xs) for n, xs in lists if not (n in optional and not len(xs))]
     first_name, first = lists[0]
     device_type = first[0].device.type if len(first) else "cpu"
+    if not len(first) and factor is not None:
+        device_type = factor[1].device.type  # nothing to scale: any device's factor will do
     check_tensor_list(op, first_name, first, device_type)
     for name, xs in lists[1:]:
         check_tensor_list(op, name, xs, device_type)
         check_paired_lists(op, first_name, first, name, xs)
     if scalar is not None:
         check_scalar_tensor(op, *scalar, device_type)
+    if factor is not None:
+        check_factor_tensor(op, factor[0], factor[1], len(first), device_type)
+        scalar = factor
     check_no_overlap(op, lists, scalar[:2] if scalar is not None else None)
 
 
@@ -319,6 +349,18 @@ def check_axpby(ys, xs) -> None:
     check_op("axpby_", [("ys", ys), ("xs", xs)])
 
 
+def check_scale(xs, factor) -> None:
+    check_op("scale_", [("xs", xs)], factor=("factor", factor))
+
+
+def check_add_scaled(ys, xs, alpha) -> None:
+    check_op("add_scaled_", [("ys", ys), ("xs", xs)], factor=("alpha", alpha))
+
+
+def check_sum_sq_per_tensor(xs) -> None:
+    check_op("sum_sq_per_tensor", [("xs", xs)])
+
+
 #: Reductions return float64 whatever the input dtypes: every term is squared and summed in
 #: float64, so finite fp32/fp16/bf16 inputs always give a finite result (Σg² of fp32 gradients
 #: near 1e19 exceeds float32's range).
@@ -327,3 +369,12 @@ REDUCTION_DTYPE = torch.float64
 
 def reduction_dtype(xs: Sequence[torch.Tensor]) -> torch.dtype:
     return REDUCTION_DTYPE
+
+
+def rounds_to_zero(x: float, dtype: torch.dtype) -> bool:
+    """Whether the float `x` is 0 in the element maths type of `dtype` (fp64 for fp64, else
+    fp32), as the C++/CUDA kernels see it after their cast: |x| <= 2^-150 rounds to an fp32
+    zero (b = 1e-50 is 0 for fp32 data, so axpby_ does not read ys)."""
+    if dtype == torch.float64:
+        return x == 0.0
+    return abs(x) <= 2.0 ** -150

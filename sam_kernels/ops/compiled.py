@@ -97,6 +97,37 @@ def axpby_(ys: Tensors, xs: Tensors, a: float, b: float) -> None:
     _call("axpby_", [ys, xs, a, b], [("ys", 0), ("xs", 1)], read=(1,))
 
 
+def _factor_type(op: str, lists, name: str, factor) -> None:
+    """A factor that is not a Tensor: the TypeError every backend raises (after the lists')."""
+    if not isinstance(factor, torch.Tensor):
+        _checks.check_types(op, lists)
+        _checks.check_factor_tensor(op, name, factor, len(lists[0][1]), "cpu")
+
+
+def scale_(xs: Tensors, factor: torch.Tensor) -> None:
+    _factor_type("scale_", [("xs", xs)], "factor", factor)
+    if not xs:
+        _checks.check_types("scale_", [("xs", xs)])
+        return reference.scale_(xs, factor)
+    _call("scale_", [xs, factor], [("xs", 0)], read=(), scalar=("factor", 1, 0))
+
+
+def add_scaled_(ys: Tensors, xs: Tensors, alpha: torch.Tensor) -> None:
+    _factor_type("add_scaled_", [("ys", ys), ("xs", xs)], "alpha", alpha)
+    if not ys:
+        _checks.check_types("add_scaled_", [("ys", ys), ("xs", xs)])
+        return reference.add_scaled_(ys, xs, alpha)
+    _call("add_scaled_", [ys, xs, alpha], [("ys", 0), ("xs", 1)], read=(1,),
+          scalar=("alpha", 2, 0))
+
+
+def sum_sq_per_tensor(xs: Tensors) -> torch.Tensor:
+    if not xs:
+        _checks.check_types("sum_sq_per_tensor", [("xs", xs)])
+        return reference.sum_sq_per_tensor(xs)
+    return _call("sum_sq_per_tensor", [xs], [("xs", 0)], read=())
+
+
 def _reduction(xs: Tensors, shape) -> torch.Tensor:
     device = xs[0].device if len(xs) else torch.device("cpu")
     return torch.empty(shape, dtype=_checks.reduction_dtype(xs), device=device)
@@ -136,9 +167,23 @@ def _fake_axpby(ys, xs, a, b):
     _checks.check_axpby(ys, xs)
 
 
+def _fake_scale(xs, factor):
+    _checks.check_scale(xs, factor)
+
+
+def _fake_add_scaled(ys, xs, alpha):
+    _checks.check_add_scaled(ys, xs, alpha)
+
+
+def _fake_sum_sq_per_tensor(xs):
+    _checks.check_sum_sq_per_tensor(xs)
+    return _reduction(xs, (len(xs),))
+
+
 _FAKES = {"sum_sq": _fake_sum_sq, "dot_sum_sq": _fake_dot_sum_sq, "perturb_": _fake_perturb,
           "restore_": _fake_restore, "orth_combine_": _fake_orth_combine,
-          "lerp_sum_sq_": _fake_lerp_sum_sq, "axpby_": _fake_axpby}
+          "lerp_sum_sq_": _fake_lerp_sum_sq, "axpby_": _fake_axpby, "scale_": _fake_scale,
+          "add_scaled_": _fake_add_scaled, "sum_sq_per_tensor": _fake_sum_sq_per_tensor}
 
 # A sparse tensor anywhere in a call dispatches to the sparse key, which has no C++ kernel: run
 # the checks there so the caller gets the same ValueError as from the other backends.

@@ -114,19 +114,16 @@ def _sum_of_squares(xs: Sequence[torch.Tensor], out: torch.Tensor) -> None:
 
 
 def _dot(a: List[torch.Tensor], b: List[torch.Tensor]) -> torch.Tensor:
-    """[Σ a·b] of one dtype group of tensors torch sums in a fixed order, as a 1-element fp64
-    tensor. The products are formed in the element maths type after dividing each tensor by its
-    largest |value| (so they cannot overflow fp32), and scaled back in fp64."""
-    ma = torch._foreach_norm(a, float("inf"))
-    mb = torch._foreach_norm(b, float("inf"))
-    tiny = torch.finfo(a[0].dtype).tiny
-    torch._foreach_clamp_min_(ma, tiny)
-    torch._foreach_clamp_min_(mb, tiny)
-    prods = torch._foreach_mul(torch._foreach_div(_upcast(a), ma), torch._foreach_div(_upcast(b), mb))
-    # Signed sum with foreach ops only: sum(ab) = |max(ab, 0)|_1 - |min(ab, 0)|_1.
+    """[Σ a·b] per tensor of tensors torch sums in a fixed order, as fp64. The products are
+    formed in fp64 as the kernels form them (exact for fp32/fp16/bf16 data, so they cannot
+    overflow), and follow IEEE: an inf product gives ±inf, inf − inf, 0·inf and NaN give NaN.
+    (Dividing each tensor by its largest |value| instead turned any inf into NaN.)"""
+    prods = torch._foreach_mul([t.to(_F64) for t in a], [t.to(_F64) for t in b])
+    # Signed sum with foreach ops only: sum(ab) = |max(ab, 0)|_1 - |min(ab, 0)|_1 (clamp keeps
+    # NaN; +inf lands in the first norm, -inf in the second, both: inf - inf = NaN).
     pos = torch.stack(torch._foreach_norm(torch._foreach_clamp_min(prods, 0.0), 1, dtype=_F64))
     neg = torch.stack(torch._foreach_norm(torch._foreach_clamp_max(prods, 0.0), 1, dtype=_F64))
-    return (pos - neg) * torch.stack(ma).to(_F64) * torch.stack(mb).to(_F64)
+    return pos - neg
 
 
 # ---------------------------------------------------------------------------- primitives
@@ -153,10 +150,9 @@ def dot_sum_sq(a: Tensors, b: Tensors) -> torch.Tensor:
     _checks.check_dot_sum_sq(a, b)
     out = torch.zeros(3, dtype=_F64, device=a[0].device if a else None)
     dots = []
-    for idx in _by_dtype(a).values():
-        small = [i for i in idx if a[i].numel() and _one_thread(a[i])]
-        if small:
-            dots.append(_dot([a[i] for i in small], [b[i] for i in small]))
+    small = [i for i, t in enumerate(a) if t.numel() and _one_thread(t)]
+    if small:
+        dots.append(_dot([a[i] for i in small], [b[i] for i in small]))
     for x, y in zip(a, b):
         if x.numel() and not _one_thread(x):
             dots.append(_row_sums(_flat(x).to(_F64) * _flat(y).to(_F64)))
@@ -191,12 +187,17 @@ def perturb_(params: Tensors, dirs: Tensors, sum_sq: torch.Tensor, rho: float, e
         d = _upcast([dirs[i] for i in idx])
         scale = _scale(sum_sq, rho, eps, p[0].dtype)
         if adaptive:
+            # p + ((t·d)·s)·t, t = |p| + eta (element_math.h perturbed): |s·t·d| <= rho when
+            # sum_sq is Σ(t·d)², so no intermediate overflows unless the result does (t² first
+            # overflowed fp32 from |p| ~ 1.8e19, s·t first for a large s)
             t = torch._foreach_abs(work)
             torch._foreach_add_(t, eta)
-            torch._foreach_mul_(t, t)
-            torch._foreach_mul_(t, d)
-            d = t
-        torch._foreach_add_(work, torch._foreach_mul(d, scale))
+            step = torch._foreach_mul(t, d)
+            torch._foreach_mul_(step, scale)
+            torch._foreach_mul_(step, t)
+        else:
+            step = torch._foreach_mul(d, scale)
+        torch._foreach_add_(work, step)
         _store(p, work)
 
 
@@ -231,9 +232,12 @@ def orth_combine_(d: Tensors, m: Tensors, stats: torch.Tensor, gamma: float, eps
         gd = [d[i] for i in idx]
         work = _upcast(gd)
         coef = _coefficient(stats, eps, gd[0].dtype)
-        # d - gamma * (m - c * d) == (1 + gamma * c) * d - gamma * m
-        torch._foreach_mul_(work, 1 + gamma * coef)
-        torch._foreach_add_(work, _upcast([m[i] for i in idx]), alpha=-gamma)
+        # d - gamma * (m - c * d) in this order, each step rounded (element_math.h
+        # orth_combined): (1 + gamma·c)·d - gamma·m overflows where this is finite
+        t = torch._foreach_mul(work, coef)
+        t = torch._foreach_sub(_upcast([m[i] for i in idx]), t)
+        torch._foreach_mul_(t, gamma)
+        torch._foreach_sub_(work, t)
         _store(gd, work)
 
 
@@ -247,8 +251,9 @@ def lerp_sum_sq_(ema: Tensors, g: Tensors, theta: float) -> torch.Tensor:
     for idx in _by_dtype(ema).values():
         ge = [ema[i] for i in idx]
         work = _upcast(ge)
-        torch._foreach_mul_(work, 1.0 - theta)
-        torch._foreach_add_(work, _upcast([g[i] for i in idx]), alpha=theta)
+        torch._foreach_mul_(work, 1.0 - theta)  # 1 - theta in fp64, rounded once (as the kernels)
+        # a separate product and sum, as the kernels (torch's add with alpha may fuse an FMA)
+        torch._foreach_add_(work, torch._foreach_mul(_upcast([g[i] for i in idx]), theta))
         _store(ge, work)
     _sum_of_squares(ema, out)  # of the stored (rounded) values, as the kernels do
     return out
@@ -263,10 +268,85 @@ def axpby_(ys: Tensors, xs: Tensors, a: float, b: float) -> None:
     for idx in _by_dtype(ys).values():
         gy = [ys[i] for i in idx]
         gx = _upcast([xs[i] for i in idx])
-        if b == 0:  # y is not read (BLAS convention)
+        if _checks.rounds_to_zero(b, gy[0].dtype):  # y is not read (BLAS convention)
             torch._foreach_copy_(gy, torch._foreach_mul(gx, a))
             continue
         work = _upcast(gy)
         torch._foreach_mul_(work, b)
-        torch._foreach_add_(work, gx, alpha=a)
+        # a separate product and sum, as the kernels (torch's add with alpha may fuse an FMA)
+        torch._foreach_add_(work, torch._foreach_mul(gx, a))
         _store(gy, work)
+
+
+def _factors(factor: torch.Tensor, idx: List[int], dtype: torch.dtype):
+    """The factor(s) of the tensors `idx` in the element maths type: one 0-d tensor, or a list of
+    0-d tensors (one per tensor) when `factor` is per tensor. Device tensors, never read here."""
+    f = factor.to(_acc(dtype))
+    return f if f.dim() == 0 else [f[i] for i in idx]
+
+
+def _mul_by(work: List[torch.Tensor], f) -> None:
+    """work[k] *= f (0-d tensor) or f[k] (list of 0-d tensors)."""
+    if isinstance(f, torch.Tensor):
+        torch._foreach_mul_(work, f)
+    else:
+        for t, fk in zip(work, f):
+            t.mul_(fk)
+
+
+def scale_(xs: Tensors, factor: torch.Tensor) -> None:
+    _checks.check_types("scale_", [("xs", xs)])
+    _checks.check_grad_mode("scale_", [("xs", xs)], ("factor", factor)
+                            if isinstance(factor, torch.Tensor) else None)
+    _checks.check_scale(xs, factor)
+    for idx in _by_dtype(xs).values():
+        group = [xs[i] for i in idx if xs[i].numel()]
+        if not group:
+            continue
+        work = _upcast(group)
+        _mul_by(work, _factors(factor, [i for i in idx if xs[i].numel()], group[0].dtype))
+        _store(group, work)
+
+
+def add_scaled_(ys: Tensors, xs: Tensors, alpha: torch.Tensor) -> None:
+    _checks.check_types("add_scaled_", [("ys", ys), ("xs", xs)])
+    _checks.check_grad_mode("add_scaled_", [("ys", ys), ("xs", xs)], ("alpha", alpha)
+                            if isinstance(alpha, torch.Tensor) else None)
+    xs = _checks.aligned(ys, xs)
+    _checks.check_add_scaled(ys, xs, alpha)
+    xs = _unaliased(ys, xs)
+    for idx in _by_dtype(ys).values():
+        idx = [i for i in idx if ys[i].numel()]
+        if not idx:
+            continue
+        gy = [ys[i] for i in idx]
+        # y + (alpha·x): the product rounded in the element maths type, then the sum (as the
+        # kernels' add_scaled in element_math.h)
+        step = [xs[i].to(_acc(gy[0].dtype), copy=True) for i in idx]
+        _mul_by(step, _factors(alpha, idx, gy[0].dtype))
+        work = _upcast(gy)
+        torch._foreach_add_(work, step)
+        _store(gy, work)
+
+
+def sum_sq_per_tensor(xs: Tensors) -> torch.Tensor:
+    _checks.check_types("sum_sq_per_tensor", [("xs", xs)])
+    _checks.check_sum_sq_per_tensor(xs)
+    if not xs:
+        return torch.zeros(0, dtype=_F64)
+    zero = torch.zeros((), dtype=_F64, device=xs[0].device)
+    small = [t for t in xs if t.numel() and _one_thread(t)]
+    # one fp64 norm per tensor torch sums on one thread, squared; fixed rows for the others
+    squares = iter(torch.stack(torch._foreach_norm(small, 2, dtype=_F64)).square().unbind()
+                   if small else ())
+    parts = []
+    for t in xs:
+        if not t.numel():
+            parts.append(zero)
+        elif _one_thread(t):
+            parts.append(next(squares))
+        else:
+            total = zero.clone()
+            _fixed_sum([_row_sums(_sq_terms(t))], total)
+            parts.append(total)
+    return torch.stack(parts)

@@ -47,11 +47,14 @@ SK_HOST_DEVICE T perturb_scale(T sum_sq, T rho, T eps) {
 }
 
 // perturb_: p + scale * T^2 * d with T = |p| + eta for adaptive (ASAM) groups, else 1.
+// Adaptive: evaluated as p + ((t * d) * scale) * t. With sum_sq = Σ (t d)^2 (how ASAM calls it)
+// |(t * d) * scale| <= rho, so no intermediate overflows unless the result does; t * t first
+// overflowed fp32 from |p| ~ 1.8e19, scale * t first for a large scale (tiny sum_sq).
 template <typename T>
 SK_HOST_DEVICE T perturbed(T p, T d, T scale, bool adaptive, T eta) {
   if (adaptive) {
     const T t = sk_abs(p) + eta;
-    return p + scale * t * t * d;
+    return p + ((t * d) * scale) * t;
   }
   return p + scale * d;
 }
@@ -67,15 +70,18 @@ SK_HOST_DEVICE T orth_coefficient(T dot, T m_sq, T d_sq, T eps) {
 }
 
 // orth_combine_: d - gamma * (m - c * d), i.e. remove gamma times the part of m orthogonal to d.
+// Every backend evaluates it in this order (c * d, m - that, gamma * that, d - that): the
+// expanded (1 + gamma c) d - gamma m overflows (inf, or inf - inf = NaN) where this is finite.
 template <typename T>
 SK_HOST_DEVICE T orth_combined(T d, T m, T gamma, T c) {
   return d - gamma * (m - c * d);
 }
 
-// lerp_sum_sq_: (1 - theta) * ema + theta * g.
+// lerp_sum_sq_: (1 - theta) * ema + theta * g, with keep = 1 - theta formed by the caller in
+// double and rounded once (1 - float(theta) in float is 0.14% off for theta = 0.99999).
 template <typename T>
-SK_HOST_DEVICE T lerped(T ema, T g, T theta) {
-  return (T(1) - theta) * ema + theta * g;
+SK_HOST_DEVICE T lerped(T ema, T g, T keep, T theta) {
+  return keep * ema + theta * g;
 }
 
 // axpby_: a * x + b * y; y is not read when b == 0 (BLAS convention), so stale NaN/inf buffer
@@ -83,6 +89,18 @@ SK_HOST_DEVICE T lerped(T ema, T g, T theta) {
 template <typename T>
 SK_HOST_DEVICE T axpby(T x, T y, T a, T b) {
   return b == T(0) ? a * x : a * x + b * y;
+}
+
+// scale_: factor * x.
+template <typename T>
+SK_HOST_DEVICE T scaled(T x, T factor) {
+  return factor * x;
+}
+
+// add_scaled_: y + alpha * x (the product rounded, then the sum, unless the compiler fuses them).
+template <typename T>
+SK_HOST_DEVICE T add_scaled(T y, T x, T alpha) {
+  return y + alpha * x;
 }
 
 }  // namespace sam_kernels

@@ -97,6 +97,25 @@ inline void check_scalar_tensor(const char* op, const char* name, const at::Tens
                     ".contiguous()");
 }
 
+// scale_/add_scaled_'s device factor: 0-d (one factor for every tensor) or shape (n,) (one per
+// tensor of the n-tensor list); float32/float64, on the tensors' device, contiguous. Same rules
+// and messages as _checks.check_factor_tensor.
+inline void check_factor_tensor(const char* op, const char* name, const at::Tensor& t, int64_t n,
+                                c10::DeviceType device_type) {
+  TORCH_CHECK_VALUE(t.dim() == 0 || (t.dim() == 1 && t.size(0) == n), op, ": ", name,
+                    " must be a 0-d tensor (one factor for every tensor) or have one factor per "
+                    "tensor (shape (", n, ",)), got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.layout() == at::kStrided &&
+                        (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
+                    op, ": ", name, " must be a dense float32 or float64 tensor, got ",
+                    dtype_name(t.scalar_type()), t.layout() == at::kStrided ? "" : " (sparse)");
+  TORCH_CHECK_VALUE(t.device().type() == device_type, op, ": ", name, " is on ", t.device(),
+                    " but the tensors are on ",
+                    c10::DeviceTypeName(device_type, /*lower_case=*/true));
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous; pass ", name,
+                    ".contiguous()");
+}
+
 // ---- Aliasing ----------------------------------------------------------------------------------
 // A list of a call for check_no_overlap: its argument name, its tensors, whether the op writes it.
 struct NamedList {

@@ -22,7 +22,8 @@ Tensors = Sequence[torch.Tensor]
 NAMESPACE = "sam_kernels_triton"
 
 __all__ = ["sum_sq", "dot_sum_sq", "perturb_", "restore_", "orth_combine_", "lerp_sum_sq_",
-           "axpby_", "block_size", "set_block_size", "get_block_size", "BLOCK_ENV_VAR",
+           "axpby_", "scale_", "add_scaled_", "sum_sq_per_tensor", "block_size",
+           "set_block_size", "get_block_size", "BLOCK_ENV_VAR",
            "DEFAULT_BLOCK", "cache_info", "clear_cache", "release_graph_tables", "interpreting"]
 
 
@@ -89,6 +90,29 @@ def _axpby_(ys: List[torch.Tensor], xs: List[torch.Tensor], a: float, b: float) 
     elementwise.axpby_(ys, xs, a, b)
 
 
+@torch.library.custom_op(f"{NAMESPACE}::scale_", mutates_args=("xs",))
+def _scale_(xs: List[torch.Tensor], factor: torch.Tensor) -> None:
+    elementwise.scale_(xs, factor)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::add_scaled_", mutates_args=("ys",))
+def _add_scaled_(ys: List[torch.Tensor], xs: List[torch.Tensor], alpha: torch.Tensor) -> None:
+    elementwise.add_scaled_(ys, xs, alpha)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::sum_sq_per_tensor", mutates_args=())
+def _sum_sq_per_tensor(xs: List[torch.Tensor]) -> torch.Tensor:
+    return reductions.sum_sq_per_tensor(xs)
+
+
+@_sum_sq_per_tensor.register_fake
+def _(xs):
+    _checks.check_sum_sq_per_tensor(xs)
+    return _fake_reduction(xs, (len(xs),))
+
+
+_scale_.register_fake(lambda xs, factor: _checks.check_scale(xs, factor))
+_add_scaled_.register_fake(lambda ys, xs, alpha: _checks.check_add_scaled(ys, xs, alpha))
 _perturb_.register_fake(
     lambda params, dirs, sum_sq, rho, eps, adaptive, eta, backup:
     _checks.check_perturb(params, dirs, sum_sq, backup))
@@ -158,3 +182,28 @@ def axpby_(ys: Tensors, xs: Tensors, a: float, b: float) -> None:
     _checks.check_types("axpby_", [("ys", ys), ("xs", xs)])
     _checks.check_grad_mode("axpby_", [("ys", ys), ("xs", xs)])
     _axpby_(list(ys), _checks.aligned(ys, xs), float(a), float(b))
+
+
+def scale_(xs: Tensors, factor: torch.Tensor) -> None:
+    _checks.check_types("scale_", [("xs", xs)])
+    if not isinstance(factor, torch.Tensor):
+        _checks.check_factor_tensor("scale_", "factor", factor, len(xs), "cpu")  # TypeError
+    _checks.check_grad_mode("scale_", [("xs", xs)], ("factor", factor))
+    _check_scalar_alias("scale_", lambda: _checks.check_scale(xs, factor), [xs], factor)
+    _scale_(list(xs), factor)
+
+
+def add_scaled_(ys: Tensors, xs: Tensors, alpha: torch.Tensor) -> None:
+    _checks.check_types("add_scaled_", [("ys", ys), ("xs", xs)])
+    if not isinstance(alpha, torch.Tensor):
+        _checks.check_factor_tensor("add_scaled_", "alpha", alpha, len(ys), "cpu")  # TypeError
+    _checks.check_grad_mode("add_scaled_", [("ys", ys), ("xs", xs)], ("alpha", alpha))
+    xs = _checks.aligned(ys, xs)
+    _check_scalar_alias("add_scaled_", lambda: _checks.check_add_scaled(ys, xs, alpha), [ys],
+                        alpha)
+    _add_scaled_(list(ys), xs, alpha)
+
+
+def sum_sq_per_tensor(xs: Tensors) -> torch.Tensor:
+    _checks.check_types("sum_sq_per_tensor", [("xs", xs)])
+    return _sum_sq_per_tensor(list(xs))

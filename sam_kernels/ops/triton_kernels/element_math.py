@@ -51,8 +51,9 @@ def perturb_scale(sum_sq, rho, eps):
 def perturbed(p, d, scale, eta, ADAPTIVE: tl.constexpr):
     """perturb_: p + scale * T^2 * d with T = |p| + eta when ADAPTIVE, else T = 1."""
     if ADAPTIVE:
+        # ((t * d) * scale) * t: no intermediate overflow unless the result overflows
         t = tl.abs(p) + eta
-        return p + scale * t * t * d
+        return p + ((t * d) * scale) * t
     else:
         return p + scale * d
 
@@ -73,9 +74,10 @@ def orth_combined(d, m, gamma, c):
 
 
 @device_function
-def lerped(ema, g, theta):
-    """lerp_sum_sq_: (1 - theta) * ema + theta * g."""
-    return (1.0 - theta) * ema + theta * g
+def lerped(ema, g, keep, theta):
+    """lerp_sum_sq_: (1 - theta) * ema + theta * g, keep = 1 - theta formed in fp64 on the host
+    and rounded once."""
+    return keep * ema + theta * g
 
 
 @device_function
@@ -85,3 +87,15 @@ def axpby(x, y, a, b, B_IS_ZERO: tl.constexpr):
         return a * x
     else:
         return a * x + b * y
+
+
+@device_function
+def scaled(x, factor):
+    """scale_: factor * x."""
+    return factor * x
+
+
+@device_function
+def add_scaled(y, x, alpha):
+    """add_scaled_: y + alpha * x."""
+    return y + alpha * x

@@ -124,6 +124,58 @@ def _axpby_kernel(table, n_tensors, a: tl.float64, b: tl.float64, B_IS_ZERO: tl.
         _axpby_block(y_ptr, x_ptr, offsets, numel, a_acc, b_acc, B_IS_ZERO, DTYPE, ACC, True)
 
 
+@device_function
+def _factor(positions, tensor, factor_ptr, factor_stride, ACC: tl.constexpr):
+    """The factor of the group's tensor `tensor`: factor[0] (stride 0, a 0-d factor) or
+    factor[its position in the call] (per tensor), read in fp64 and rounded to ACC once."""
+    pos = tl.load(positions + tensor)
+    return tl.load(factor_ptr + pos * factor_stride).to(tl.float64).to(ACC)
+
+
+@device_function
+def _scale_block(x_ptr, offsets, numel, f, DTYPE: tl.constexpr, ACC: tl.constexpr,
+                 MASKED: tl.constexpr):
+    x = blocks.load(x_ptr, offsets, numel, MASKED).to(ACC)
+    blocks.store(x_ptr, offsets, element_math.scaled(x, f).to(DTYPE), numel, MASKED)
+
+
+@triton.jit
+def _scale_kernel(table, n_tensors, positions, factor_ptr, factor_stride,
+                  N_LISTS: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
+                  ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    tensor, start, numel = blocks.program_block(table, n_tensors, N_LISTS, BLOCK)
+    x_ptr = blocks.list_ptr(table, n_tensors, 0, tensor, DTYPE, ALIGNED)
+    f = _factor(positions, tensor, factor_ptr, factor_stride, ACC)
+    offsets = start + tl.arange(0, BLOCK)
+    if start + BLOCK <= numel:
+        _scale_block(x_ptr, offsets, numel, f, DTYPE, ACC, False)
+    else:
+        _scale_block(x_ptr, offsets, numel, f, DTYPE, ACC, True)
+
+
+@device_function
+def _add_scaled_block(y_ptr, x_ptr, offsets, numel, alpha, DTYPE: tl.constexpr,
+                      ACC: tl.constexpr, MASKED: tl.constexpr):
+    y = blocks.load(y_ptr, offsets, numel, MASKED).to(ACC)
+    x = blocks.load(x_ptr, offsets, numel, MASKED).to(ACC)
+    blocks.store(y_ptr, offsets, element_math.add_scaled(y, x, alpha).to(DTYPE), numel, MASKED)
+
+
+@triton.jit
+def _add_scaled_kernel(table, n_tensors, positions, alpha_ptr, alpha_stride,
+                       N_LISTS: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
+                       ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    tensor, start, numel = blocks.program_block(table, n_tensors, N_LISTS, BLOCK)
+    y_ptr = blocks.list_ptr(table, n_tensors, 0, tensor, DTYPE, ALIGNED)
+    x_ptr = blocks.list_ptr(table, n_tensors, 1, tensor, DTYPE, ALIGNED)
+    alpha = _factor(positions, tensor, alpha_ptr, alpha_stride, ACC)
+    offsets = start + tl.arange(0, BLOCK)
+    if start + BLOCK <= numel:
+        _add_scaled_block(y_ptr, x_ptr, offsets, numel, alpha, DTYPE, ACC, False)
+    else:
+        _add_scaled_block(y_ptr, x_ptr, offsets, numel, alpha, DTYPE, ACC, True)
+
+
 # ---------------------------------------------------------------------------- launchers
 def _checked_plan(op: str, lists: Sequence[Tensors], check, scalar=None):
     """The launch plan of the paired `lists` after every argument check (`check()` runs once per
@@ -183,3 +235,36 @@ def axpby_(ys: Tensors, xs: Tensors, a: float, b: float) -> None:
                 # b is "zero" (ys not read) when it is zero in the group's accumulation type,
                 # as for the C++/CUDA kernels after their cast (b = 1e-50 is 0 in fp32)
                 group.launch(_axpby_kernel, a, b, B_IS_ZERO=utils.rounds_to_zero(b, group.dtype))
+
+
+def _factor_plan(op: str, lists: Sequence[Tensors], check, name: str, factor: torch.Tensor):
+    """_checked_plan for scale_ / add_scaled_: the factor is checked at every call (it is not
+    part of the cached signature)."""
+    if not lists[0]:
+        check()
+        return None
+    plan = utils.plan(op, lists, check)
+    _checks.check_factor_tensor(op, name, factor, len(lists[0]), plan.device.type)
+    utils.check_scalar_device(op, name, factor, plan.device)
+    return plan
+
+
+def _launch_with_factor(plan, kernel, factor: torch.Tensor) -> None:
+    stride = 0 if factor.dim() == 0 else 1
+    with utils.device_guard(plan.device):
+        for group in plan.groups:
+            group.launch(kernel, group.positions[0], factor, stride)
+
+
+def scale_(xs: Tensors, factor: torch.Tensor) -> None:
+    plan = _factor_plan("scale_", [xs], lambda: _checks.check_scale(xs, factor), "factor",
+                        factor)
+    if plan is not None:
+        _launch_with_factor(plan, _scale_kernel, factor)
+
+
+def add_scaled_(ys: Tensors, xs: Tensors, alpha: torch.Tensor) -> None:
+    plan = _factor_plan("add_scaled_", [ys, xs], lambda: _checks.check_add_scaled(ys, xs, alpha),
+                        "alpha", alpha)
+    if plan is not None:
+        _launch_with_factor(plan, _add_scaled_kernel, alpha)

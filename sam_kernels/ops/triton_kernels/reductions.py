@@ -91,18 +91,19 @@ def _dot_sum_sq_kernel(table, n_tensors, partials, first_partial, N_LISTS: tl.co
 
 
 @device_function
-def _lerp_sum_sq_block(e_ptr, g_ptr, offsets, numel, theta, DTYPE: tl.constexpr,
+def _lerp_sum_sq_block(e_ptr, g_ptr, offsets, numel, keep, theta, DTYPE: tl.constexpr,
                        ACC: tl.constexpr, MASKED: tl.constexpr):
     e = blocks.load(e_ptr, offsets, numel, MASKED).to(ACC)
     g = blocks.load(g_ptr, offsets, numel, MASKED).to(ACC)
-    stored = element_math.lerped(e, g, theta).to(DTYPE)
+    stored = element_math.lerped(e, g, keep, theta).to(DTYPE)
     blocks.store(e_ptr, offsets, stored, numel, MASKED)
     # The norm is of the value as stored, so it matches the direction used afterwards.
     return blocks.block_sum(element_math.square_sum_term(stored), axis=0)
 
 
 @triton.jit
-def _lerp_sum_sq_kernel(table, n_tensors, partials, first_partial, theta: tl.float64,
+def _lerp_sum_sq_kernel(table, n_tensors, partials, first_partial, keep: tl.float64,
+                        theta: tl.float64,
                         N_LISTS: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
                         ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     tensor, start, numel = blocks.program_block(table, n_tensors, N_LISTS, BLOCK)
@@ -110,11 +111,33 @@ def _lerp_sum_sq_kernel(table, n_tensors, partials, first_partial, theta: tl.flo
     g_ptr = blocks.list_ptr(table, n_tensors, 1, tensor, DTYPE, ALIGNED)
     offsets = start + tl.arange(0, BLOCK)
     theta_acc = blocks.scalar_arg(theta, ACC)
+    keep_acc = blocks.scalar_arg(keep, ACC)
     if start + BLOCK <= numel:
-        part = _lerp_sum_sq_block(e_ptr, g_ptr, offsets, numel, theta_acc, DTYPE, ACC, False)
+        part = _lerp_sum_sq_block(e_ptr, g_ptr, offsets, numel, keep_acc, theta_acc, DTYPE, ACC,
+                                  False)
     else:
-        part = _lerp_sum_sq_block(e_ptr, g_ptr, offsets, numel, theta_acc, DTYPE, ACC, True)
+        part = _lerp_sum_sq_block(e_ptr, g_ptr, offsets, numel, keep_acc, theta_acc, DTYPE, ACC,
+                                  True)
     tl.store(partials + first_partial + tl.program_id(0), part.to(tl.float64))
+
+
+@triton.jit
+def _per_tensor_finalize_kernel(table, n_tensors, positions, partials, first_partial, out,
+                                N_LISTS: tl.constexpr, BLOCK: tl.constexpr,
+                                FBLOCK: tl.constexpr):
+    """out[position of tensor k] = Σ of tensor k's program partials, in program order (one
+    finalize program per tensor of the group)."""
+    k = tl.program_id(0).to(tl.int64)
+    numel = tl.load(table + N_LISTS * n_tensors + k)
+    count = (numel + BLOCK - 1) // BLOCK
+    first = first_partial + tl.load(positions + n_tensors + k)
+    acc = tl.full([FBLOCK], 0, tl.float64)
+    j = 0
+    while j < count:
+        idx = j + tl.arange(0, FBLOCK)
+        acc += tl.load(partials + first + idx, mask=idx < count, other=0.0)
+        j += FBLOCK
+    tl.store(out + tl.load(positions + k), blocks.block_sum(acc, axis=0))
 
 
 # ---------------------------------------------------------------------------- launchers
@@ -158,4 +181,26 @@ def dot_sum_sq(a: Tensors, b: Tensors) -> torch.Tensor:
 
 def lerp_sum_sq_(ema: Tensors, g: Tensors, theta: float) -> torch.Tensor:
     return _reduce("lerp_sum_sq_", [ema, g], lambda: _checks.check_lerp_sum_sq(ema, g), 1,
-                   _lerp_sum_sq_kernel, float(theta))
+                   _lerp_sum_sq_kernel, 1.0 - float(theta), float(theta))
+
+
+def sum_sq_per_tensor(xs: Tensors) -> torch.Tensor:
+    """Per-program partials as sum_sq, then one finalize program per tensor (fixed order)."""
+    check = lambda: _checks.check_sum_sq_per_tensor(xs)  # noqa: E731
+    if not xs:
+        check()
+        return torch.zeros(0, dtype=_checks.REDUCTION_DTYPE)
+    plan = utils.plan("sum_sq_per_tensor", [xs], check)
+    with utils.device_guard(plan.device):
+        n_partials = sum(g.table.n_programs for g in plan.groups)
+        partials = torch.empty(max(n_partials, 1), dtype=torch.float64, device=plan.device)
+        out = torch.zeros(len(xs), dtype=_checks.REDUCTION_DTYPE, device=plan.device)
+        first = 0
+        for group in plan.groups:
+            group.launch(_sum_sq_kernel, partials, first, 0.0, WEIGHTED=False)
+            utils.launch(_per_tensor_finalize_kernel, group.table.n_tensors, group.table.table,
+                         group.table.n_tensors, group.positions[0], partials, first, out,
+                         N_LISTS=group.n_lists, BLOCK=group.block, FBLOCK=utils.FINALIZE_BLOCK,
+                         num_warps=4, enable_fp_fusion=utils.FP_FUSION)
+            first += group.table.n_programs
+    return out

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _registry
+from .. import _checks, _registry
 
 Tensors = Sequence[torch.Tensor]
 
@@ -116,12 +116,8 @@ def group_block(block: int, dtype: torch.dtype) -> int:
     return min(block, MAX_PROGRAM_BYTES // dtype.itemsize)
 
 
-def rounds_to_zero(x: float, dtype: torch.dtype) -> bool:
-    """Whether `x` is 0 in the accumulation type of `dtype` (fp64 for fp64, else fp32), as the
-    C++/CUDA kernels see it after their cast: |x| <= 2^-150 rounds to an fp32 zero."""
-    if dtype == torch.float64:
-        return x == 0.0
-    return abs(x) <= 2.0 ** -150
+#: Whether a float is 0 in a dtype's element maths type: one rule for every backend.
+rounds_to_zero = _checks.rounds_to_zero
 
 
 # ---------------------------------------------------------------------------- devices
@@ -284,6 +280,11 @@ class GroupLaunch:
     table: TensorTable
     n_lists: int
     block: int
+    #: int64 device tensor [position in the call's lists of tensor 0..n-1 | its first program]
+    #: (the table's tensor index counts within the group), for the per-tensor factors of
+    #: scale_ / add_scaled_ and the per-tensor sums of sum_sq_per_tensor; with its pinned
+    #: staging buffer
+    positions: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None
 
     def launch(self, kernel, *args, **constexprs) -> None:
         """kernel[grid](table, n_tensors, *args, <shared meta-parameters>, **constexprs); every
@@ -312,7 +313,13 @@ def group_launches(lists: Sequence[Tensors], block: int) -> Tuple[GroupLaunch, .
         size = group_block(block, dtype)
         table = build_table(group, size)
         if table.n_programs:
-            launches.append(GroupLaunch(dtype, table, len(lists), size))
+            # [position in the call of tensor 0..n-1 | first program of tensor 0..n-1]
+            numels = torch.tensor([lists[0][i].numel() for i in idx], dtype=torch.int64)
+            n_blocks = (numels + size - 1) // size
+            positions = upload(torch.cat([torch.tensor(idx, dtype=torch.int64),
+                                          torch.cumsum(n_blocks, 0) - n_blocks]),
+                               lists[0][0].device)
+            launches.append(GroupLaunch(dtype, table, len(lists), size, positions))
     return tuple(launches)
 
 
