@@ -312,8 +312,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         super().zero_grad(set_to_none=set_to_none)
 
     def _ops(self):
-        return self._backend_module if hasattr(self._backend_module, "scale_") else \
-            _Shim(self._backend_module)
+        return self._backend_module
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_optimizer={self.base_optimizer!r}, " \
@@ -997,28 +996,6 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self._caches = {}
         self._resolve(self.model)
         self._watch_backward(self.param_groups)
-
-
-class _Shim:  # TODO(ops-fuzz): remove when every backend has these primitives
-    def __init__(self, m):
-        self._m = m
-
-    def __getattr__(self, name):
-        return getattr(self._m, name)
-
-    def scale_(self, xs, factor):
-        if factor.dim() == 0:
-            torch._foreach_mul_(xs, factor)
-        else:
-            torch._foreach_mul_(xs, [f.to(torch.float64).item() for f in factor])
-
-    def add_scaled_(self, ys, xs, alpha):
-        for y, x, a in zip(ys, xs, alpha.unbind() if alpha.dim() else [alpha] * len(ys)):
-            y.add_((x.double() * a).to(y.dtype))
-
-    def sum_sq_per_tensor(self, xs):
-        return torch.stack([x.double().pow(2).sum() for x in xs]) if xs else \
-            torch.zeros(0, dtype=torch.float64)
 
 
 @contextlib.contextmanager
