@@ -1,5 +1,7 @@
 """The algorithm registry the feature matrix runs over: one line per algorithm (a new rule is
 covered by adding its line)."""
+import types
+
 import torch
 
 import sam_kernels as sk
@@ -81,8 +83,9 @@ def held_buffers(opt):
         elif isinstance(obj, (list, tuple, set)):
             for v in list(obj):
                 walk(v, depth + 1)
-        elif hasattr(obj, "__dict__") and not isinstance(obj, (torch.nn.Module, type)) and \
-                not isinstance(obj, torch.optim.Optimizer) or obj is opt:
+        elif hasattr(obj, "__dict__") and not isinstance(
+                obj, (torch.nn.Module, type, types.ModuleType, torch.optim.Optimizer)) \
+                or obj is opt:
             for k, v in list(vars(obj).items()):
                 if k not in ("base_optimizer", "param_groups", "model", "defaults",
                              "grad_scaler"):
