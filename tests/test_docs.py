@@ -10,6 +10,7 @@ markdown by an HTML comment on the line right above its fence:
 
 and is reported as skipped with that reason. `<!-- doc-test: timeout=300 -->` raises the budget
 of one block (seconds)."""
+import json
 import os
 import re
 import subprocess
@@ -56,30 +57,113 @@ def python_blocks(path):
 BLOCKS = [(p, line, code, directive) for p in PAGES for line, code, directive in python_blocks(p)]
 
 
-def run_block(code, tmp_path, timeout_s):
-    """Run `code` as a program in a fresh interpreter; returns (returncode, output, seconds)."""
-    script = tmp_path / "doc_snippet.py"
-    script.write_text(code, encoding="utf-8")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [x for x in
-                                         env.get("PYTHONPATH", "").split(os.pathsep) if x])
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env["CUDA_VISIBLE_DEVICES"] = ""  # the documented CPU path, also on a GPU machine
-    env.pop("TRITON_INTERPRET", None)  # a block that wants the interpreter sets it itself
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              timeout=timeout_s)
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout if isinstance(e.stdout, str) else (e.stdout or b"").decode(errors="replace")
-        return None, out, time.perf_counter() - t0
-    return proc.returncode, proc.stdout, time.perf_counter() - t0
+# A zygote process imports torch and sam_kernels once and forks a child per block: the child is
+# a fresh program (its own __main__ module, file, working directory and process), without paying
+# the imports again (tens of seconds per block on a loaded 2-core machine). The zygote runs no
+# torch computation itself, so forking it is safe. A block's `torch.multiprocessing.spawn`
+# children import the block's file as usual, since the child's __main__ has that __file__.
+ZYGOTE = r"""
+import json, os, signal, sys, time, traceback
+import torch, sam_kernels  # noqa: F401  (imported once, inherited by every fork)
+for line in sys.stdin:
+    job = json.loads(line)
+    t0 = time.time()
+    pid = os.fork()
+    if pid == 0:
+        os.setpgid(0, 0)
+        fd = os.open(job["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.chdir(job["cwd"])
+        import types
+        main = types.ModuleType("__main__")
+        main.__file__, main.__spec__ = job["path"], None
+        sys.modules["__main__"] = main
+        sys.argv = [job["path"]]
+        rc = 0
+        try:
+            with open(job["path"]) as f:
+                exec(compile(f.read(), job["path"], "exec"), main.__dict__)
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            rc = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    rc = None
+    while time.time() - t0 < job["timeout"]:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            rc = os.waitstatus_to_exitcode(status)
+            break
+        time.sleep(0.05)
+    if rc is None:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(pid, 0)
+    print(json.dumps({"rc": rc, "seconds": time.time() - t0}), flush=True)
+"""
+
+
+class Runner:
+    """Runs blocks as programs in forks of a zygote (or, without os.fork, each in a fresh
+    interpreter)."""
+
+    def __init__(self):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(ROOT)] + [x for x in env.get("PYTHONPATH", "").split(os.pathsep) if x])
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the documented CPU path, also on a GPU machine
+        env.pop("TRITON_INTERPRET", None)  # a block that wants the interpreter sets it itself
+        self.env, self.zygote = env, None
+        if hasattr(os, "fork"):
+            self.zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE], env=env, cwd=ROOT,
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                           text=True)
+
+    def run(self, code, tmp_path, timeout_s):
+        """Run `code` as a program; returns (returncode or None on timeout, output, seconds)."""
+        script, out = tmp_path / "doc_snippet.py", tmp_path / "doc_snippet.out"
+        script.write_text(code, encoding="utf-8")
+        if self.zygote is not None:
+            job = dict(path=str(script), cwd=str(tmp_path), out=str(out), timeout=timeout_s)
+            self.zygote.stdin.write(json.dumps(job) + "\n")
+            self.zygote.stdin.flush()
+            reply = self.zygote.stdout.readline()
+            assert reply, "the doc-test zygote died"
+            result = json.loads(reply)
+            return result["rc"], out.read_text(errors="replace"), result["seconds"]
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=self.env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  timeout=timeout_s)
+        except subprocess.TimeoutExpired as e:
+            text = e.stdout if isinstance(e.stdout, str) else (e.stdout or b"").decode()
+            return None, text, time.perf_counter() - t0
+        return proc.returncode, proc.stdout, time.perf_counter() - t0
+
+    def close(self):
+        if self.zygote is not None:
+            self.zygote.stdin.close()
+            self.zygote.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def runner():
+    r = Runner()
+    yield r
+    r.close()
 
 
 @pytest.mark.parametrize("page,line,code,directive", BLOCKS,
                          ids=[f"{p.relative_to(ROOT)}:{line}" for p, line, _, _ in BLOCKS])
-def test_snippet_runs(page, line, code, directive, tmp_path):
+def test_snippet_runs(page, line, code, directive, tmp_path, runner):
     timeout_s = DEFAULT_TIMEOUT_S
     if directive:
         skip = re.match(r"skip\s*\((.*)\)$", directive)
@@ -88,15 +172,15 @@ def test_snippet_runs(page, line, code, directive, tmp_path):
         t = re.match(r"timeout\s*=\s*(\d+)$", directive)
         assert t, f"unknown doc-test directive {directive!r} above {page.name}:{line}"
         timeout_s = int(t.group(1))
-    rc, out, seconds = run_block(code, tmp_path, timeout_s)
+    rc, out, seconds = runner.run(code, tmp_path, timeout_s)
     where = f"{page.relative_to(ROOT)}:{line}"
     assert rc is not None, f"{where}: did not finish in {timeout_s} s\n{out[-4000:]}"
     assert rc == 0, f"{where}: exited with {rc} after {seconds:.1f} s\n{out[-4000:]}"
 
 
-def test_a_broken_snippet_fails(tmp_path):
+def test_a_broken_snippet_fails(tmp_path, runner):
     """The runner reports a failing block (and does not, e.g., swallow the exit status)."""
-    rc, out, _ = run_block("raise RuntimeError('broken on purpose')\n", tmp_path, 60)
+    rc, out, _ = runner.run("raise RuntimeError('broken on purpose')\n", tmp_path, 60)
     assert rc != 0 and "broken on purpose" in out
 
 
