@@ -222,3 +222,14 @@ def test_links_resolve(page):
         if anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
             bad.append(target)
     assert not bad, f"{page.relative_to(ROOT)}: links that do not resolve: {bad}"
+
+
+def test_directives_are_parsed(tmp_path):
+    """A skip comment right above a fence (blank lines between allowed) applies to that block
+    only; other fences (bash, plain) are not collected."""
+    page = tmp_path / "page.md"
+    page.write_text("text\n<!-- doc-test: skip (needs a CUDA GPU) -->\n\n```python\nx = 1\n```\n"
+                    "```bash\nls\n```\n```python\ny = 2\n```\n", encoding="utf-8")
+    (l1, c1, d1), (l2, c2, d2) = python_blocks(page)
+    assert (l1, c1, d1) == (4, "x = 1\n", "skip (needs a CUDA GPU)")
+    assert (c2, d2) == ("y = 2\n", None)
