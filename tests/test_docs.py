@@ -26,8 +26,6 @@ DEFAULT_TIMEOUT_S = 240  # per block; a 2-core machine under load imports lightn
 
 FENCE = re.compile(r"^(\s*)```(\w*)\s*$")
 DIRECTIVE = re.compile(r"^\s*<!--\s*doc-test:\s*(.*?)\s*-->\s*$")
-# links the lead's branch adds (docs/design.md, docs/extending.md): excused only while absent
-PENDING_PAGES = {"docs/design.md", "docs/extending.md"}
 
 
 def python_blocks(path):
@@ -216,8 +214,7 @@ def test_links_resolve(page):
         dest = (page.parent / file).resolve() if file else page
         rel = dest.relative_to(ROOT).as_posix() if dest.is_relative_to(ROOT) else str(dest)
         if not dest.exists():
-            if rel not in PENDING_PAGES:
-                bad.append(target)
+            bad.append(target)
             continue
         if anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
             bad.append(target)
