@@ -212,7 +212,6 @@ def test_links_resolve(page):
             continue  # http(s), mailto
         file, _, anchor = target.partition("#")
         dest = (page.parent / file).resolve() if file else page
-        rel = dest.relative_to(ROOT).as_posix() if dest.is_relative_to(ROOT) else str(dest)
         if not dest.exists():
             bad.append(target)
             continue

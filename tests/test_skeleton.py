@@ -267,3 +267,42 @@ def test_non_dense_parameters_step_as_their_dense_copies(name):
         ob.step(closure_for(ob, dense, x))
     for a, b in zip(views, dense):  # the same maths; sums may run in another memory order
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_pytorch_optimizer_checkpoints_are_refused():
+    """pytorch-optimizer 4.1's LookSAM/FriendlySAM keep their own per-parameter layouts: a
+    checkpoint of theirs is refused, naming what was found, and loads nothing."""
+    po = pytest.importorskip("pytorch_optimizer")
+    for theirs, ours in ((po.LookSAM, "LookSAM"), (po.FriendlySAM, "FriendlySAM")):
+        ps = params(*SHAPES)
+        other = theirs(ps, torch.optim.SGD, lr=0.1)
+        for step in range(2):
+            x = data(ps, 1, seed=step)[0]
+
+            def closure():
+                other.zero_grad()
+                loss = loss_of(ps, x)
+                loss.backward()
+                return loss
+            other.step(closure)
+        mine = make(ours, params(*SHAPES))
+        before = _snapshot(mine, mine.param_groups[0]["params"])
+        with pytest.raises(ValueError, match="checkpoint of pytorch-optimizer.*Nothing was loaded"):
+            mine.load_state_dict(other.state_dict())
+        assert _same(before, _snapshot(mine, mine.param_groups[0]["params"]))
+
+
+def test_fuzz_findings_at_the_edges():
+    """get_optimizer_state_dict with a model the optimizer does not train; params= given to
+    sam_on_param_groups; interval=1 checkpoints its counters; a string learning rate."""
+    from sam_kernels.checkpoint import get_optimizer_state_dict
+    ps = params(*SHAPES)
+    opt = make("SAM", ps)
+    with pytest.raises(ValueError, match="not parameters of `model`"):
+        get_optimizer_state_dict(torch.nn.Linear(2, 2), opt)
+    with pytest.raises(TypeError, match="params= is not accepted"):
+        sk.sam_on_param_groups(torch.nn.BatchNorm1d(3), params=ps)
+    opt.step(closure_for(opt, ps, data(ps, 1)[0]))
+    assert opt.state_dict()["sam"]["extra"]["steps"] == 1
+    with pytest.raises(ValueError, match=r"Invalid lr value: 'a' \(a builtins.str"):
+        sk.SAM(params((3,)), torch.optim.SGD, lr="a")

@@ -197,6 +197,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         if max_grad_norm is not None:
             max_grad_norm = check("max_grad_norm", max_grad_norm, ">0")
         skip_nonfinite = check("skip_nonfinite", skip_nonfinite, "bool")
+        if "lr" in base_kwargs and not torch.is_tensor(base_kwargs["lr"]):
+            check("lr", base_kwargs["lr"], ">=0")  # before torch's "'<' not supported ..."
         for name, value in (hyper or {}).items():
             setattr(self, name, check(name, value, self.hyper.get(name, "any")))
         group = {k: check(k, v, self.group_hyper.get(k, "any")) for k, v in group.items()}

@@ -340,9 +340,13 @@ def convert_state_dict(opt: Any, state_dict: Dict[str, Any]) -> Dict[str, Any]:
                              f"{sorted(own_keys) or 'none'}), not of {name}. Nothing was loaded")
         return _fill_group_keys(opt, state_dict)
     other = sorted({_PYTORCH_OPTIMIZER[k] for k in keys if k in _PYTORCH_OPTIMIZER})
-    if other or "base_optimizer" in state_dict:
+    if "base_optimizer" in state_dict and not other:  # pytorch-optimizer saves its base's so
+        group_keys = {k for g in state_dict.get("param_groups", []) for k in g}
+        other = ["pytorch-optimizer FriendlySAM" if {"sigma", "lmbda"} <= group_keys else
+                 "pytorch-optimizer (a SAM-family wrapper: its SAM, LookSAM, GSAM, ...)"]
+    if other:
         raise ValueError(f"{name}.load_state_dict: this is a checkpoint of "
-                         f"{', '.join(other) or 'an optimizer wrapping a base optimizer'} "
+                         f"{', '.join(other)} "
                          f"(per-parameter keys {sorted(keys)}), whose state is laid out "
                          f"differently; it cannot be converted exactly. Nothing was loaded")
     found = identify_seed(keys)
