@@ -214,7 +214,7 @@ at::Tensor lerp_sum_sq_(at::TensorList ema, at::TensorList g, double theta) {
       SAM_KERNELS_DISPATCH(ema[c.tensor].scalar_type(), "lerp_sum_sq_", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const acc_t th = static_cast<acc_t>(theta);
-        const acc_t keep = static_cast<acc_t>(1.0 - theta);
+        const acc_t keep = static_cast<acc_t>(lerp_keep(theta));
         scalar_t* e = span<scalar_t>(e_ptrs, c);
         const scalar_t* gp = span<scalar_t>(g_ptrs, c);
         double sum[1];

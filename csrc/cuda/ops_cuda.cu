@@ -152,9 +152,9 @@ struct LerpSumSqOp : ReadsEveryList {
   __host__ __device__ static constexpr bool writes(int l) { return l == 0; }
 
   math_t theta;
-  math_t keep;  // 1 - theta, formed in double and rounded once
+  math_t keep;  // lerp_keep(theta): formed in double and rounded once
   explicit LerpSumSqOp(double theta)
-      : theta(static_cast<math_t>(theta)), keep(static_cast<math_t>(1.0 - theta)) {}
+      : theta(static_cast<math_t>(theta)), keep(static_cast<math_t>(lerp_keep(theta))) {}
 
   __device__ void operator()(T (&x)[kDepth], acc_t (&sums)[kSums]) const {
     x[0] = static_cast<T>(lerped<math_t>(x[0], x[1], keep, theta));

@@ -84,6 +84,10 @@ SK_HOST_DEVICE T lerped(T ema, T g, T keep, T theta) {
   return keep * ema + theta * g;
 }
 
+// keep = 1 - theta in double (rounded once when converted to the compute type): the one
+// place every backend's lerp_sum_sq_ takes it from.
+inline double lerp_keep(double theta) { return 1.0 - theta; }
+
 // axpby_: a * x + b * y; y is not read when b == 0 (BLAS convention), so stale NaN/inf buffer
 // contents cannot leak into a copy-and-scale.
 template <typename T>
