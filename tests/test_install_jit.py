@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -30,7 +31,9 @@ def _clean_env(**extra):
 
 
 def _run(cmd, **kw):
+    start = time.monotonic()
     res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
+    print(f"[{time.monotonic() - start:5.0f} s] {' '.join(str(c) for c in cmd)[:120]}")
     assert res.returncode == 0, (f"{cmd} exited with {res.returncode}\n--- stdout\n"
                                  f"{res.stdout[-4000:]}\n--- stderr\n{res.stderr[-4000:]}")
     return res
@@ -87,6 +90,7 @@ def test_isolated_pip_install_compiles_the_kernels_on_first_use(tmp_path):
     assert "compiling" not in second.stderr, second.stderr
     assert json.loads(second.stdout.strip().splitlines()[-1])["status"]["cpu"].startswith(
         "available (JIT")
+    shutil.rmtree(venv)  # ~1 GB; pytest keeps its last three temporary directories
 
 
 _SAM_STEP = """
