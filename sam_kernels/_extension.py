@@ -215,7 +215,6 @@ def _compiler_problem() -> Optional[str]:
 
 
 def _load_jit(note: str):
-    from torch.utils import cpp_extension
     why_jit = f"; {note}" if note else ""
     csrc = sources_dir()
     if csrc is None:
@@ -225,17 +224,31 @@ def _load_jit(note: str):
         _say(msg)
         return False, msg, {}
     with_cuda, cuda_why = _jit_wants_cuda(csrc)
+    if with_cuda:
+        ok, msg, info, compiler_works = _jit_build(csrc, True, why_jit, "")
+        if ok or not compiler_works:
+            return ok, msg, info
+        cuda_why = "compiling the CUDA kernels on first use failed (the message above)"
+        _say("compiling the CPU kernels only, so that CPU tensors get compiled kernels")
+    ok, msg, info, _ = _jit_build(csrc, False, why_jit, cuda_why)
+    return ok, msg, info
+
+
+def _jit_build(csrc: str, with_cuda: bool, why_jit: str, cuda_why: str):
+    """(loaded?, error, info, whether the compiler works): the cached library when its build
+    finished, else a build now."""
+    from torch.utils import cpp_extension
     cflags, cuda_flags = _flags(csrc, with_cuda)
     build_dir = _build_dir(csrc, with_cuda, cflags, cuda_flags)
     name = "sam_kernels_jit"
     library = os.path.join(build_dir, f"{name}.so")
     marker = os.path.join(build_dir, "built")
     info = {"build": "JIT-built on first use", "path": library, "torch": torch.__version__,
-            "note": note}
+            "note": why_jit[2:], "cuda": "" if with_cuda else cuda_why}
     if os.path.exists(marker) and os.path.exists(library):
         try:
             torch.ops.load_library(library)
-            return True, "", info
+            return True, "", info, True
         except OSError as exc:
             _say(f"the cached kernels {library} failed to load ({exc}); compiling them again")
             os.remove(marker)
@@ -248,12 +261,12 @@ def _load_jit(note: str):
                f"(JIT{why_jit}) and {problem}. " +
                (NO_COMPILER_HELP if "ninja" not in problem else "Then import sam_kernels again."))
         _say(msg)
-        return False, msg, {}
+        return False, msg, {}, False
 
     what = "CPU and CUDA" if with_cuda else "CPU"
     eta = "several minutes" if with_cuda else "~1-2 min"
     _say(f"compiling the {what} kernels for torch {torch.__version__} (once, {eta}) into "
-         f"{build_dir}…" + (f" [CUDA kernels not compiled: {cuda_why}]"
+         f"{build_dir}…" + (f" [no CUDA kernels: {cuda_why}]"
                            if torch.version.cuda is not None and not with_cuda else ""))
     os.makedirs(build_dir, exist_ok=True)
     lock = os.path.join(build_dir, "lock")
@@ -273,16 +286,16 @@ def _load_jit(note: str):
     except Exception as exc:  # compile/link errors arrive as RuntimeError with the log
         lines = str(exc).strip().splitlines()
         tail = "\n".join(lines[-40:])
-        msg = (f"compiling the kernels on first use failed ({type(exc).__name__}); the compiler "
-               f"said (last lines):\n{tail}\nThe build files are in {build_dir}. Fix the "
-               "compiler (CXX, MAX_JOBS) and import sam_kernels again; to run on the slower "
+        msg = (f"compiling the {what} kernels on first use failed ({type(exc).__name__}); the "
+               f"compiler said (last lines):\n{tail}\nThe build files are in {build_dir}. Fix "
+               "the compiler (CXX, MAX_JOBS) and import sam_kernels again; to run on the slower "
                f"reference backend deliberately, pass backend='reference' (or set "
                f"{DISABLE_VAR}=1)")
         _say(msg)
-        return False, msg, {}
+        return False, msg, {}, True
     with open(marker + ".tmp", "w") as f:
         f.write(f"torch {torch.__version__}\n")
     os.replace(marker + ".tmp", marker)
     _say(f"compiled the {what} kernels in {time.monotonic() - start:.0f} s (cached: a later "
          f"import only loads {library})")
-    return True, "", info
+    return True, "", info, True

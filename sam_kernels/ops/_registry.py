@@ -47,6 +47,9 @@ def unavailable_reason(name: str, device_type: Optional[str] = None) -> Optional
             return "the compiled extension has no CPU kernels registered"
         if name == "cuda":
             if not _extension.has_kernel("sum_sq", "CUDA"):
+                why = _extension.info().get("cuda")
+                if why:  # a build on first use, for this machine
+                    return f"the kernels were compiled on first use without CUDA: {why}"
                 return ("the compiled extension was built without CUDA; rebuild with a CUDA "
                         "build of torch and nvcc available (FORCE_CUDA=1 pip install "
                         "--no-build-isolation .)")
