@@ -10,7 +10,7 @@ say() { echo "[setup $(( $(date +%s) - start ))s] $*"; }
 # run_phase NAME "what" cmd...: runs cmd with its output in .venv/setup-logs/NAME.log;
 # heartbeat while it runs.
 run_phase() {
-  local log=".venv/setup-logs/$1.log" what="$2"; shift 2
+  local name="$1" log=".venv/setup-logs/$1.log" what="$2"; shift 2
   local t0=$(date +%s)
   say "$what ..."
   "$@" > "$log" 2>&1 &
@@ -18,7 +18,7 @@ run_phase() {
   while kill -0 "$pid" 2>/dev/null; do
     for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
     if kill -0 "$pid" 2>/dev/null; then
-      say "  ... still $what ($(( $(date +%s) - t0 ))s so far; load $(cut -d' ' -f1-3 /proc/loadavg))"
+      say "  ... $name: $(( $(date +%s) - t0 ))s so far (load $(cut -d' ' -f1-3 /proc/loadavg); log $log)"
     fi
   done
   if ! wait "$pid"; then
