@@ -86,8 +86,8 @@ def _extensions():
     sources = _build.cpu_sources(CSRC)
     cuda_sources = _build.cuda_sources(CSRC)
     with_cuda, why = _build.want_cuda(torch, cpp_extension, bool(cuda_sources))
-    _say(f"building the kernels ahead of time against torch {torch.__version__}; CUDA kernels "
-         f"{'enabled' if with_cuda else 'disabled'} ({why})")
+    _say(f"compiling the kernels ahead of time against torch {torch.__version__}")
+    _say(f"CUDA kernels {'enabled' if with_cuda else 'disabled'} ({why})")
 
     if with_cuda:
         _build.configure_cuda_env(torch, cpp_extension)
