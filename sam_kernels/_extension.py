@@ -266,7 +266,7 @@ def _jit_build(csrc: str, with_cuda: bool, why_jit: str, cuda_why: str):
     what = "CPU and CUDA" if with_cuda else "CPU"
     eta = "several minutes" if with_cuda else "~1-2 min"
     _say(f"compiling the {what} kernels for torch {torch.__version__} (once, {eta}) into "
-         f"{build_dir}…" + (f" [no CUDA kernels: {cuda_why}]"
+         f"{build_dir} ..." + (f" [no CUDA kernels: {cuda_why}]"
                            if torch.version.cuda is not None and not with_cuda else ""))
     os.makedirs(build_dir, exist_ok=True)
     lock = os.path.join(build_dir, "lock")
