@@ -119,10 +119,16 @@ def _extensions():
 
         def build_extension(self, ext):
             super().build_extension(ext)
-            path = self.get_ext_fullpath(ext.name)
-            info = os.path.join(os.path.dirname(path), ext.name.split(".")[-1] + ".build.json")
-            with open(info, "w") as f:
-                json.dump({"torch": torch.__version__, "cuda": with_cuda}, f)
+            name = ext.name.split(".")[-1] + ".build.json"
+            dirs = {os.path.dirname(self.get_ext_fullpath(ext.name))}
+            if self.inplace or getattr(self, "editable_mode", False):
+                # an editable install builds in a temporary directory and copies only the
+                # library into the checkout: the record goes there directly
+                dirs.add(os.path.join(ROOT, *ext.name.split(".")[:-1]))
+            for d in dirs:
+                os.makedirs(d, exist_ok=True)
+                with open(os.path.join(d, name), "w") as f:
+                    json.dump({"torch": torch.__version__, "cuda": with_cuda}, f)
 
     cmdclass["build_ext"] = BuildExtWithInfo
     return [ext], cmdclass
