@@ -40,7 +40,7 @@ run_phase deps "installing requirements-dev.txt (torch 2.13.0 CPU, triton, test 
   pip install --disable-pip-version-check --progress-bar off -r requirements-dev.txt
 run_phase build "compiling the kernels ahead of time and installing sam_kernels (editable; ~1-3 min on 2 cores, seconds when unchanged)" \
   env MAX_JOBS="${MAX_JOBS:-2}" pip install -v --disable-pip-version-check --no-build-isolation -e .
-grep -hE "^\s*sam_kernels: " .venv/setup-logs/build.log | sed 's/^ */  /' | sort -u || true
+grep -hE "^\s*sam_kernels: " .venv/setup-logs/build.log | sed 's/^ */  /' | awk '!seen[$0]++' || true
 python - <<'PY'
 import torch, sam_kernels.ops as ops
 print(f"sam_kernels installed: torch {torch.__version__}; backends:")
