@@ -113,6 +113,8 @@ def _load():
         if aot[0]:
             return aot
         note = aot[1]
+        if importlib.util.find_spec("sam_kernels._C") is not None:  # stale or broken: say so
+            _say(f"{note}; using kernels compiled on first use for this torch instead")
     return _load_jit(note)
 
 
