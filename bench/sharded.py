@@ -32,13 +32,16 @@ Method (per rank; each rank is one process with one intra-op thread):
   repetitions of each step's time over the SGD step next to it (less sensitive to drift).
 """
 import argparse
+import contextlib
 import datetime
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `bench` importable as a package
@@ -252,6 +255,33 @@ def _time_worker(rank, init_file, out, cfg, names):
         dist.destroy_process_group()
 
 
+# What the profiler logs to stderr from C++/Kineto on every rank (not Python warnings, so a
+# warnings filter cannot catch them): it buried the table. Known lines only; the rest passes.
+_PROFILER_NOISE = re.compile(r"CPUAllocator\.cpp.*allocated before the profiling started"
+                             r"|USDT:.*profiler_(start|stop)")
+
+
+@contextlib.contextmanager
+def _profiler_noise_filtered():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", module=r"torch\.profiler.*")
+                yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if not _PROFILER_NOISE.search(line):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+
 def _memory_worker(rank, init_file, out, cfg, name):
     _init(rank, init_file)
     try:
@@ -269,7 +299,8 @@ def _memory_worker(rank, init_file, out, cfg, name):
         rss_before = _status_kb("VmRSS")
         reset = _reset_peak()
         from torch.profiler import ProfilerActivity, profile, record_function
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with _profiler_noise_filtered(), \
+                profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             for _ in range(cfg["mem_steps"]):
                 with record_function("sharded_bench_step"):
                     step()

@@ -13,6 +13,9 @@ layers for it to perturb.
     pip install scikit-learn matplotlib
     python examples/digits_demo.py                 # ~2-3 minutes on 2 CPU cores
     python examples/digits_demo.py --seeds 10 --epochs 60
+    python examples/digits_demo.py --out examples/results/digits.json   # refresh the published
+
+Writes to examples/out/ (untracked) unless --out says otherwise.
 
 Nothing here decides a winner: read the spread across seeds before reading the means.
 """
@@ -221,7 +224,10 @@ def main(argv=None):
     ap.add_argument("--noise", type=float, default=0.2)
     ap.add_argument("--algos", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default=str(HERE / "results" / "digits.json"))
+    # default: the untracked examples/out/ (.gitignore); the published results in
+    # examples/results/ are refreshed only on purpose: --out examples/results/digits.json
+    ap.add_argument("--out", default=str(HERE / "out" / "digits.json"),
+                    help="JSON path (the plot goes next to it as .png); default %(default)s")
     args = ap.parse_args(argv)
     if importlib.util.find_spec("sklearn") is None:
         raise SystemExit("digits_demo needs scikit-learn for its bundled data set: "

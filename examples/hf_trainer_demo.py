@@ -8,12 +8,15 @@ labels flipped (the noise sharpness-aware training is meant to resist). Prints t
 accuracy, final training loss, wall time per optimizer step (median of the steps after the
 first two) and forward+backward passes per step.
 
-    python examples/hf_trainer_demo.py [--steps 200] [--seeds 0 1 2] [--threads 1]
+    python examples/hf_trainer_demo.py [--steps 200] [--seeds 0 1 2] [--threads 1] [--out DIR]
+
+Writes the Trainer's output directories and results.json under --out (default: the untracked
+examples/out/hf_trainer_demo/).
 """
 import argparse
+import json
 import os
 import statistics
-import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -65,11 +68,11 @@ class Passes:
         model.register_forward_pre_hook(lambda *a: setattr(self, "n", self.n + 1))
 
 
-def run(kind, seed, steps, train, test):
+def run(kind, seed, steps, train, test, out_dir):
     model = make_model(seed)
     passes = Passes(model)
     clock = StepClock()
-    out = tempfile.mkdtemp()
+    out = os.path.join(out_dir, f"{kind}-seed{seed}")
     args = TrainingArguments(output_dir=out, per_device_train_batch_size=32, max_steps=steps,
                              learning_rate=3e-3, weight_decay=0.01, warmup_steps=10,
                              lr_scheduler_type="cosine", report_to="none", save_strategy="no",
@@ -99,14 +102,18 @@ def main():
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                      "out", "hf_trainer_demo"),
+                        help="output directory (default: %(default)s, untracked)")
     opts = parser.parse_args()
+    os.makedirs(opts.out, exist_ok=True)
     torch.set_num_threads(opts.threads)
     train, test = make_data(4096, 100, noise=0.2), make_data(1024, 200, noise=0.0)
     kinds = ["AdamW", "SAM", "VaSSORe"]
     results = {k: [] for k in kinds}
     for seed in opts.seeds:
         for kind in kinds:  # interleaved, so machine load affects each alike
-            results[kind].append(run(kind, seed, opts.steps, train, test))
+            results[kind].append(run(kind, seed, opts.steps, train, test, opts.out))
     print(f"transformers {transformers.__version__}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {opts.steps} steps, seeds {opts.seeds}")
     print(f"{'optimizer':<9} {'test acc':>9} {'train loss':>11} {'ms/step':>8} {'÷ AdamW':>8} "
@@ -118,6 +125,12 @@ def main():
         print(f"{kind:<9} {statistics.mean(r['accuracy'] for r in rs):>9.3f} "
               f"{statistics.mean(r['loss'] for r in rs):>11.4f} {ms:>8.1f} {ms / base:>8.2f} "
               f"{statistics.mean(r['passes'] for r in rs):>12.2f}")
+    path = os.path.join(opts.out, "results.json")
+    with open(path, "w") as f:
+        json.dump({"settings": {k: v for k, v in vars(opts).items() if k != "out"},
+                   "transformers": transformers.__version__, "torch": torch.__version__,
+                   "results": results}, f, indent=1)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

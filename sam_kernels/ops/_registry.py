@@ -47,6 +47,9 @@ def unavailable_reason(name: str, device_type: Optional[str] = None) -> Optional
             return "the compiled extension has no CPU kernels registered"
         if name == "cuda":
             if not _extension.has_kernel("sum_sq", "CUDA"):
+                why = _extension.info().get("cuda")
+                if why:  # a build on first use, for this machine
+                    return f"the kernels were compiled on first use without CUDA: {why}"
                 return ("the compiled extension was built without CUDA; rebuild with a CUDA "
                         "build of torch and nvcc available (FORCE_CUDA=1 pip install "
                         "--no-build-isolation .)")
@@ -78,8 +81,17 @@ def available_backends(device: Union[str, torch.device, None] = None) -> List[st
 
 
 def backend_status() -> Dict[str, str]:
-    """Every backend with 'available' or the reason it is not (for diagnostics)."""
-    return {n: unavailable_reason(n) or "available" for n in BACKENDS}
+    """Every backend with 'available' or the reason it is not (for diagnostics). The compiled
+    backends say how their kernels were built: 'available (built ahead of time: <library>)' or
+    'available (JIT-built on first use: <library>)'."""
+    status = {}
+    for n in BACKENDS:
+        reason = unavailable_reason(n)
+        if reason is None and n in ("cpu", "cuda"):
+            info = _extension.info()
+            reason = f"available ({info.get('build', '?')}: {info.get('path', '?')})"
+        status[n] = reason or "available"
+    return status
 
 
 def module(name: str) -> ModuleType:
@@ -116,7 +128,8 @@ def resolve(name: str, device: Union[str, torch.device]) -> ModuleType:
                 warnings.warn(
                     f"sam_kernels: no compiled backend for {device_type} tensors "
                     f"({'; '.join(f'{k}: {v}' for k, v in missing.items())}); using the "
-                    "slower reference (torch._foreach) backend", RuntimeWarning, stacklevel=3)
+                    "slower reference (torch._foreach) backend. Pass backend='reference' to "
+                    "choose it deliberately (no warning).", RuntimeWarning, stacklevel=3)
             return module(candidate)
     raise AssertionError("unreachable: the reference backend is always available")
 
