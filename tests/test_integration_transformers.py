@@ -566,27 +566,4 @@ def test_ddp_two_processes_pass1_per_rank(tmp_path):
         gap = max((results[0][run][n] - s).abs().max().item() for n, s in zip(names, synced))
         assert gap > 1e-6, f"{run}: the per-rank pass 1 made no difference ({gap})"
 
-
-# ---------------------------------------------------------------------------- README recipes
-README_SECTIONS = ["Hugging Face Trainer", "Accelerate", "Lightning mixed precision"]
-
-
-def readme_blocks(section):
-    import re
-    text = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
-    body = text.split(f"\n### {section}\n", 1)[1].split("\n### ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", body, flags=re.S)
-
-
-@pytest.mark.parametrize("section", README_SECTIONS)
-def test_readme_recipe_runs_as_written(tmp_path, section):
-    """Each recipe's code, exactly as the README shows it, runs in a fresh interpreter."""
-    if section == "Lightning mixed precision":
-        pytest.importorskip("lightning")
-    blocks = readme_blocks(section)
-    assert blocks, f"no python block under '### {section}'"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
-               OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-c", "\n".join(blocks)], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+# The recipes (docs/recipes.md) run as written in tests/test_docs.py.
