@@ -312,16 +312,10 @@ def _factors(factor: torch.Tensor, idx: List[int], dtype: torch.dtype):
     """The factor(s) of the tensors `idx` in the element maths type: one 0-d tensor, or a list of
     0-d tensors (one per tensor) when `factor` is per tensor. Device tensors, never read here."""
     f = factor.to(_acc(dtype))
-    return f if f.dim() == 0 else [f[i] for i in idx]
-
-
-def _mul_by(work: List[torch.Tensor], f) -> None:
-    """work[k] *= f (0-d tensor) or f[k] (list of 0-d tensors)."""
-    if isinstance(f, torch.Tensor):
-        torch._foreach_mul_(work, f)
-    else:
-        for t, fk in zip(work, f):
-            t.mul_(fk)
+    if f.dim() == 0:
+        return f
+    every = f.unbind()  # one op, not one per tensor (the reference's op count stays constant)
+    return [every[i] for i in idx]
 
 
 def scale_(xs: Tensors, factor: torch.Tensor) -> None:
@@ -334,7 +328,9 @@ def scale_(xs: Tensors, factor: torch.Tensor) -> None:
         if not group:
             continue
         work = _upcast(group)
-        _mul_by(work, _factors(factor, [i for i in idx if xs[i].numel()], group[0].dtype))
+        # one foreach op: a 0-d factor, or one 0-d factor per tensor
+        torch._foreach_mul_(work, _factors(factor, [i for i in idx if xs[i].numel()],
+                                           group[0].dtype))
         _store(group, work)
 
 
@@ -352,8 +348,8 @@ def add_scaled_(ys: Tensors, xs: Tensors, alpha: torch.Tensor) -> None:
         gy = [ys[i] for i in idx]
         # y + (alpha·x): the product rounded in the element maths type, then the sum (as the
         # kernels' add_scaled in element_math.h)
-        step = [xs[i].to(_acc(gy[0].dtype), copy=True) for i in idx]
-        _mul_by(step, _factors(alpha, idx, gy[0].dtype))
+        step = torch._foreach_mul(_upcast([xs[i] for i in idx]),
+                                  _factors(alpha, idx, gy[0].dtype))
         work = _upcast(gy)
         torch._foreach_add_(work, step)
         _store(gy, work)
