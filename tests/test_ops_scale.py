@@ -315,3 +315,35 @@ def test_torch_compile_fullgraph_clipping_step_matches_eager():
     assert norm > 1.0  # the clipping did something
     clipped = math.sqrt(sum(float((g.double() ** 2).sum()) for g in eager_g))
     assert abs(clipped - 1.0) < 1e-5
+
+
+def test_reference_op_count_does_not_grow_with_the_tensor_count():
+    """The reference backend runs a constant number of torch ops for small tensors, per-tensor
+    factors included (the optimizers' op-count tests rely on it)."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    def count(n):
+        specs = [Spec((i % 5 + 1, 3), torch.float32) for i in range(n)]
+        xs, ys = make(specs, "cpu"), make(specs, "cpu")
+        per_tensor = torch.rand(n, dtype=torch.float64)
+        with Count() as c:
+            ops.scale_(xs, per_tensor, backend="reference")
+            ops.scale_(xs, per_tensor[0], backend="reference")
+            ops.add_scaled_(ys, xs, per_tensor, backend="reference")
+            ops.sum_sq_per_tensor(xs, backend="reference")
+        return c.ops
+
+    small, large = count(2), count(20)
+    assert small == large, (small, large)
+    assert sum(small.values()) > 0

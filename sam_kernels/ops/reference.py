@@ -113,17 +113,46 @@ def _sum_of_squares(xs: Sequence[torch.Tensor], out: torch.Tensor) -> None:
     _fixed_sum(parts, out)
 
 
-def _dot(a: List[torch.Tensor], b: List[torch.Tensor]) -> torch.Tensor:
-    """[Σ a·b] per tensor of tensors torch sums in a fixed order, as fp64. The products are
-    formed in fp64 as the kernels form them (exact for fp32/fp16/bf16 data, so they cannot
-    overflow), and follow IEEE: an inf product gives ±inf, inf − inf, 0·inf and NaN give NaN.
-    (Dividing each tensor by its largest |value| instead turned any inf into NaN.)"""
-    prods = torch._foreach_mul([t.to(_F64) for t in a], [t.to(_F64) for t in b])
-    # Signed sum with foreach ops only: sum(ab) = |max(ab, 0)|_1 - |min(ab, 0)|_1 (clamp keeps
-    # NaN; +inf lands in the first norm, -inf in the second, both: inf - inf = NaN).
+def _signed_sums(prods: List[torch.Tensor]) -> torch.Tensor:
+    """Σ of each tensor in fp64 with foreach ops only: |max(x, 0)|_1 - |min(x, 0)|_1 (clamp
+    keeps NaN; +inf lands in the first norm, -inf in the second, both give inf - inf = NaN)."""
     pos = torch.stack(torch._foreach_norm(torch._foreach_clamp_min(prods, 0.0), 1, dtype=_F64))
     neg = torch.stack(torch._foreach_norm(torch._foreach_clamp_max(prods, 0.0), 1, dtype=_F64))
     return pos - neg
+
+
+def _dot(a: List[torch.Tensor], b: List[torch.Tensor]) -> torch.Tensor:
+    """[Σ a·b] per tensor of one dtype group of tensors torch sums in a fixed order, as fp64,
+    in a constant number of ops, with the kernels' IEEE result on non-finite input.
+
+    Finite part: each tensor's finite values divided by their largest |value| (so the products,
+    formed in the element maths type, cannot overflow fp32), scaled back in fp64 (~1e-7
+    relative). Non-finite part: with a = a_c + α (a_c clamped to the finite range, α = a - a_c
+    in {0, ±inf}), Σ α·b_c + a_c·β is exactly 0 for finite pairs and the IEEE product's ±inf or
+    NaN (0·inf) otherwise, so the sum is ±inf, inf - inf = NaN, or NaN as the kernels' fp64
+    sums are. (Dividing by a largest |value| of inf turned every inf into NaN.)"""
+    a, b = _upcast(a), _upcast(b)
+    big = torch.finfo(a[0].dtype).max
+    tiny = torch.finfo(a[0].dtype).tiny
+
+    def split(xs):
+        clamped = torch._foreach_clamp_max(torch._foreach_clamp_min(xs, -big), big)
+        excess = torch._foreach_sub(xs, clamped)  # 0, ±inf, or NaN
+        finite = torch._foreach_sub(clamped, torch._foreach_clamp_max(
+            torch._foreach_clamp_min(excess, -big), big))  # ±inf elements become 0
+        return clamped, excess, finite
+
+    a_c, alpha, a_f = split(a)
+    b_c, beta, b_f = split(b)
+    ma = torch._foreach_norm(a_f, float("inf"))
+    mb = torch._foreach_norm(b_f, float("inf"))
+    torch._foreach_clamp_min_(ma, tiny)
+    torch._foreach_clamp_min_(mb, tiny)
+    scaled = torch._foreach_mul(torch._foreach_div(a_f, ma), torch._foreach_div(b_f, mb))
+    finite = _signed_sums(scaled) * torch.stack(ma).to(_F64) * torch.stack(mb).to(_F64)
+    infinite = _signed_sums(torch._foreach_add(torch._foreach_mul(alpha, b_c),
+                                               torch._foreach_mul(a_c, beta)))
+    return finite + infinite
 
 
 # ---------------------------------------------------------------------------- primitives
@@ -150,9 +179,10 @@ def dot_sum_sq(a: Tensors, b: Tensors) -> torch.Tensor:
     _checks.check_dot_sum_sq(a, b)
     out = torch.zeros(3, dtype=_F64, device=a[0].device if a else None)
     dots = []
-    small = [i for i, t in enumerate(a) if t.numel() and _one_thread(t)]
-    if small:
-        dots.append(_dot([a[i] for i in small], [b[i] for i in small]))
+    for idx in _by_dtype(a).values():
+        small = [i for i in idx if a[i].numel() and _one_thread(a[i])]
+        if small:
+            dots.append(_dot([a[i] for i in small], [b[i] for i in small]))
     for x, y in zip(a, b):
         if x.numel() and not _one_thread(x):
             dots.append(_row_sums(_flat(x).to(_F64) * _flat(y).to(_F64)))
@@ -282,16 +312,10 @@ def _factors(factor: torch.Tensor, idx: List[int], dtype: torch.dtype):
     """The factor(s) of the tensors `idx` in the element maths type: one 0-d tensor, or a list of
     0-d tensors (one per tensor) when `factor` is per tensor. Device tensors, never read here."""
     f = factor.to(_acc(dtype))
-    return f if f.dim() == 0 else [f[i] for i in idx]
-
-
-def _mul_by(work: List[torch.Tensor], f) -> None:
-    """work[k] *= f (0-d tensor) or f[k] (list of 0-d tensors)."""
-    if isinstance(f, torch.Tensor):
-        torch._foreach_mul_(work, f)
-    else:
-        for t, fk in zip(work, f):
-            t.mul_(fk)
+    if f.dim() == 0:
+        return f
+    every = f.unbind()  # one op, not one per tensor (the reference's op count stays constant)
+    return [every[i] for i in idx]
 
 
 def scale_(xs: Tensors, factor: torch.Tensor) -> None:
@@ -304,7 +328,9 @@ def scale_(xs: Tensors, factor: torch.Tensor) -> None:
         if not group:
             continue
         work = _upcast(group)
-        _mul_by(work, _factors(factor, [i for i in idx if xs[i].numel()], group[0].dtype))
+        # one foreach op: a 0-d factor, or one 0-d factor per tensor
+        torch._foreach_mul_(work, _factors(factor, [i for i in idx if xs[i].numel()],
+                                           group[0].dtype))
         _store(group, work)
 
 
@@ -322,8 +348,8 @@ def add_scaled_(ys: Tensors, xs: Tensors, alpha: torch.Tensor) -> None:
         gy = [ys[i] for i in idx]
         # y + (alpha·x): the product rounded in the element maths type, then the sum (as the
         # kernels' add_scaled in element_math.h)
-        step = [xs[i].to(_acc(gy[0].dtype), copy=True) for i in idx]
-        _mul_by(step, _factors(alpha, idx, gy[0].dtype))
+        step = torch._foreach_mul(_upcast([xs[i] for i in idx]),
+                                  _factors(alpha, idx, gy[0].dtype))
         work = _upcast(gy)
         torch._foreach_add_(work, step)
         _store(gy, work)
