@@ -30,6 +30,7 @@ import torch  # noqa: E402
 
 from bench import contention, e2e, harness, micro, report, suites  # noqa: E402
 from bench.algos import ALGOS, DEFAULT_ALGOS, implementations  # noqa: E402
+from bench.harness import reserve_results_path  # noqa: E402,F401  (re-exported)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
           "bfloat16": torch.bfloat16}
@@ -207,7 +208,7 @@ def main(argv=None) -> dict:
     results["meta"]["uptime_after"] = harness.uptime()
     results["meta"]["seconds"] = round(time.time() - started, 1)
 
-    out = reserve_results_path(Path(args.out) if args.out else RESULTS_DIR / (
+    out = harness.reserve_results_path(Path(args.out) if args.out else RESULTS_DIR / (
         f"{harness.machine_slug(device)}-{datetime.datetime.now():%Y-%m-%dT%H%M%S}.json"))
     why_not = None
     if not args.no_plot:
@@ -226,22 +227,6 @@ def contended_impl(impl) -> bool:
     and sam_kernels' kernel backends (the reference backend is torch's own foreach ops)."""
     return impl.kind == "seed" or impl.label == "pytorch-optimizer foreach" or (
         impl.kind == "ours" and impl.backend != "reference")
-
-
-def reserve_results_path(path: Path) -> Path:
-    """`path`, or path-2, path-3... if a JSON or PNG of that name exists: creates the JSON
-    (empty, exclusively) so that concurrent runs cannot pick the same name either."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for n in range(1, 10000):
-        candidate = path if n == 1 else path.with_name(f"{path.stem}-{n}{path.suffix}")
-        if candidate.with_suffix(".png").exists():
-            continue
-        try:
-            with open(candidate, "x"):
-                return candidate
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"no free results file name next to {path}")
 
 
 def _package_versions() -> dict:

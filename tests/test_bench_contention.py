@@ -3,7 +3,6 @@ stop (on exit of the block, on an exception, and by themselves when the benchmar
 results files never overwrite each other, and the goals table judges only kernel backends.
 No timing is asserted."""
 import json
-import os
 import signal
 import subprocess
 import sys
