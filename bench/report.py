@@ -203,7 +203,7 @@ def plot(results: Dict[str, Any], path: str) -> Optional[str]:
                         fontsize=7, rotation=90)
         ax.set_title(f"{algo}: extra work per step")
         ax.set_xlabel("total parameters (lines: sweep of 128 equal tensors; "
-                      "squares: model suites; dashed/triangles: with busy processes)",
+                      "squares: model suites;\ndashed lines, triangles: with busy processes)",
                       fontsize=8)
         ax.set_ylabel("seconds (median)")
         ax.grid(True, which="both", alpha=0.3)
