@@ -56,15 +56,18 @@ constexpr int64_t kStreamingMinBytes = int64_t(8) << 20;
 
 // Lists smaller than this many bytes run on the calling thread alone; above it each thread gets
 // at least this many bytes. Measured with tools/cpu_crossover.py (SAM's sum_sq + perturb_ with
-// backup + restore_ on 128 fp32 tensors, median of interleaved reps, 1 thread vs 2 with the
-// back-off below) on the 2-core AMD EPYC VM, 2026-12-06, shared with other engineers' builds
-// and tests (load average 5.6 on 2 cores: no quiet machine was to be had): 1 thread / 2 threads
-// = 0.47 at 512 KiB per list, 0.66 at 1 MiB, 0.71 at 2 MiB, 1.19 at 4 MiB, 0.91 at 8 MiB,
-// 1.33 at 32 MiB; with 2 more busy processes 0.93 at 1 MiB, 0.82 at 8 MiB, 1.06 at 32 MiB.
-// So a second thread pays from somewhere between 8 and 32 MiB per list on a busy machine; on a
-// quiet one it paid from less (docs/bench.md: 2 threads 1.7x faster on ResNet-50's 100 MiB).
-// torch's own rule (at::internal::GRAIN_SIZE = 32768 elements = 128 KiB fp32) splits far
-// smaller work than this.
+// backup + restore_ on 128 fp32 tensors, medians of interleaved reps, 1 thread / 2 threads
+// with the back-off below) on the 2-core AMD EPYC VM, 2026-12-06, shared with other engineers'
+// builds and tests (no quiet machine was to be had):
+//   load 2.4:               0.52 at 512 KiB per list, 0.58 at 1 MiB, 1.11 at 2 MiB,
+//                           1.02 at 4 MiB, 1.63 at 8 MiB, 1.03 at 32 MiB;
+//   load 5.6:               0.47, 0.66, 0.71, 1.19, 0.91, 1.33 (same sizes);
+//   load 2.4 + `yes`-like x2: 0.98 at 512 KiB, 1.06, 1.01, 0.32 at 4 MiB, 0.76 at 8 MiB,
+//                           1.00 at 32 MiB.
+// A second thread starts to pay between 4 and 8 MiB on the least loaded machine and not below
+// 32 MiB on a busy one (where the back-off brings it back to 1.0); 16 MiB keeps 4-8 MiB lists
+// (where a busy machine lost most) on one thread. torch's own rule (at::internal::GRAIN_SIZE =
+// 32768 elements = 128 KiB fp32) splits far smaller work than this.
 constexpr int64_t kParallelMinBytes = int64_t(16) << 20;
 
 // The threshold in force: kParallelMinBytes unless the tests or the crossover measurement set
