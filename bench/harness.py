@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -270,3 +271,19 @@ def machine_slug(device: torch.device) -> str:
         return "cuda-" + "".join(c if c.isalnum() else "-" for c in name).strip("-")
     threads = torch.get_num_threads()
     return f"cpu-{os.cpu_count()}core" + ("" if threads == os.cpu_count() else f"-{threads}thread")
+
+
+def reserve_results_path(path: Path) -> Path:
+    """`path`, or path-2, path-3... if a JSON or PNG of that name exists: creates the JSON
+    (empty, exclusively) so that concurrent runs cannot pick the same name either."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10000):
+        candidate = path if n == 1 else path.with_name(f"{path.stem}-{n}{path.suffix}")
+        if candidate.with_suffix(".png").exists():
+            continue
+        try:
+            with open(candidate, "x"):
+                return candidate
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"no free results file name next to {path}")

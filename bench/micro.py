@@ -5,7 +5,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -157,7 +157,8 @@ def measure_algo(algo: Algo, impls: List[Impl], shapes, grads: _ResettableGrads,
 
 def measure_suite(name: str, algos: Sequence[Algo], device: torch.device, dtype: torch.dtype,
                   reps: int, warmup: int, budget_s: float, shapes=None,
-                  log=print) -> Dict[str, Any]:
+                  log=print, select: Optional[Callable[[Impl], bool]] = None) -> Dict[str, Any]:
+    """Times every implementation of each of `algos` (those `select` keeps) on a suite."""
     started = time.perf_counter()
     shapes = shapes if shapes is not None else suites.SUITES[name]()
     numel = suites.total_params(shapes)
@@ -170,6 +171,7 @@ def measure_suite(name: str, algos: Sequence[Algo], device: torch.device, dtype:
     log(f"  suite {name}")
     for algo in algos:
         impls, notes = implementations(algo, device)
+        impls = [i for i in impls if select is None or select(i)]
         rows, failures, copy_s = measure_algo(algo, impls, shapes, grads, device, dtype, reps,
                                               warmup, budget_s, log)
         if notes or failures:

@@ -9,8 +9,10 @@ comparison on a small CNN.
     python bench/run.py --quick                # tiny shapes, seconds (smoke test)
     python bench/run.py --suite resnet50 --compile-anchor   # + the torch.compile anchor
     python bench/run.py --sharded SAM GSAM     # + FSDP2 on 2 gloo ranks (bench/sharded.py)
+    python bench/run.py --algos sam --contention 2   # + each suite again with 2 busy processes
 
-Writes bench/results/<machine>-<date>.json and a PNG plot next to it; prints the tables.
+Writes bench/results/<machine>-<date>T<time>.json (never over an earlier run's file) and a PNG
+plot next to it; prints the tables.
 See docs/bench.md for what each column means.
 """
 import argparse
@@ -26,8 +28,9 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable as a p
 
 import torch  # noqa: E402
 
-from bench import e2e, harness, micro, report, suites  # noqa: E402
+from bench import contention, e2e, harness, micro, report, suites  # noqa: E402
 from bench.algos import ALGOS, DEFAULT_ALGOS, implementations  # noqa: E402
+from bench.harness import reserve_results_path  # noqa: E402,F401  (re-exported)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
           "bfloat16": torch.bfloat16}
@@ -75,12 +78,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--sharded", nargs="*", default=None, metavar="ALGO",
                     help="also the sharded-training run (FSDP2, 2 gloo ranks on CPU; "
                          "bench/sharded.py) for these algorithms (default: SAM)")
+    ap.add_argument("--contention", type=int, default=0, metavar="N",
+                    help="also time every suite with N busy-loop processes competing for the "
+                         "cores (bench/contention.py): the seed loop, pytorch-optimizer foreach "
+                         "and sam_kernels' kernel backend, right after the quiet rows")
     ap.add_argument("--no-verify", action="store_true",
                     help="skip the check that every implementation computes the same result")
     ap.add_argument("--quick", action="store_true",
                     help="tiny shapes and few steps: checks the harness in seconds")
     ap.add_argument("--out", default=None,
-                    help="JSON path (default bench/results/<machine>-<date>.json)")
+                    help="JSON path (default bench/results/<machine>-<date>T<time>.json); "
+                         "an existing file is never overwritten (a -2, -3... suffix instead)")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--replot", metavar="JSON", default=None,
                     help="only redraw the PNG of an earlier results file, next to it")
@@ -163,8 +171,17 @@ def main(argv=None) -> dict:
     for name in args.suite:
         suite = micro.measure_suite(name, algos, device, dtype, args.reps, args.warmup,
                                     args.budget)
+        suite["contention"] = 0
         results["suites"].append(suite)
         print(report.suite_table(suite) + "\n")
+        if args.contention:
+            with contention.Contention(args.contention) as load:
+                busy = micro.measure_suite(name, algos, device, dtype, args.reps, args.warmup,
+                                           args.budget, select=contended_impl)
+            busy["contention"] = args.contention
+            busy["busy_pids"] = load.stopped_pids
+            results["suites"].append(busy)
+            print(report.suite_table(busy) + "\n")
 
     if args.compile_anchor:
         from bench import compile_anchor
@@ -191,9 +208,8 @@ def main(argv=None) -> dict:
     results["meta"]["uptime_after"] = harness.uptime()
     results["meta"]["seconds"] = round(time.time() - started, 1)
 
-    out = Path(args.out) if args.out else RESULTS_DIR / (
-        f"{harness.machine_slug(device)}-{datetime.date.today().isoformat()}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = harness.reserve_results_path(Path(args.out) if args.out else RESULTS_DIR / (
+        f"{harness.machine_slug(device)}-{datetime.datetime.now():%Y-%m-%dT%H%M%S}.json"))
     why_not = None
     if not args.no_plot:
         why_not = report.plot(results, str(out.with_suffix(".png")))
@@ -204,6 +220,13 @@ def main(argv=None) -> dict:
     print(f"wrote {out}{plotted} in {results['meta']['seconds']} s; "
           f"{results['meta']['uptime_after']}")
     return results
+
+
+def contended_impl(impl) -> bool:
+    """The rows timed again under contention: the seed loop, pytorch-optimizer's foreach path
+    and sam_kernels' kernel backends (the reference backend is torch's own foreach ops)."""
+    return impl.kind == "seed" or impl.label == "pytorch-optimizer foreach" or (
+        impl.kind == "ours" and impl.backend != "reference")
 
 
 def _package_versions() -> dict:

@@ -5,7 +5,7 @@ costs over a plain SGD step on the same sharded model — time, collectives, mem
     python bench/sharded.py --algos SAM GSAM VaSSO --reps 40
     python bench/sharded.py --quick            # tiny model, seconds (smoke test)
 
-Writes bench/results/sharded-<machine>-<date>.json (or --out) and prints a table.
+Writes bench/results/sharded-<machine>-<date>T<time>.json (or --out; never over an existing file) and prints a table.
 
 Method (per rank; each rank is one process with one intra-op thread):
 - time: one model per optimizer, each wrapped alike; every repetition runs one SGD step and one
@@ -427,9 +427,9 @@ def main(argv=None):
     results["meta"]["seconds"] = round(time.time() - started, 1)
     results["meta"]["load_after"] = _loadavg()
     print(table(results))
-    out = Path(args.out) if args.out else RESULTS_DIR / (
-        f"sharded-cpu-{os.cpu_count()}core-{datetime.date.today().isoformat()}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    from bench.harness import reserve_results_path
+    out = reserve_results_path(Path(args.out) if args.out else RESULTS_DIR / (
+        f"sharded-cpu-{os.cpu_count()}core-{datetime.datetime.now():%Y-%m-%dT%H%M%S}.json"))
     out.write_text(json.dumps(results, indent=1, default=str) + "\n")
     print(f"wrote {out} in {results['meta']['seconds']} s")
     return results
