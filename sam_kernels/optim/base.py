@@ -65,6 +65,24 @@ class Plan:
 TWO_PASS = Plan((True, True))
 
 
+class _Counter:
+    """steps / inner_steps: the host count, less the skips a fused base optimizer decided on
+    the device (taken off when the counter is read: no host read per step)."""
+
+    def __init__(self, raw: str) -> None:
+        self.raw = raw
+
+    def __get__(self, obj: Any, objtype: Optional[type] = None) -> Any:
+        if obj is None:
+            return self
+        obj._settle()
+        return getattr(obj, self.raw)
+
+    def __set__(self, obj: Any, value: int) -> None:
+        obj._settle()
+        setattr(obj, self.raw, value)
+
+
 class StepVar:
     """An attribute a step changes (``steps = StepVar(0)`` in a class body). Its value lives in
     the instance dict `_step_vars`: torch.compile replays writes into a dict the optimizer
@@ -147,27 +165,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     _backward_epoch = StepVar(-1)  # _step_epoch when a backward last accumulated a gradient
     _opt_called = StepVar(False)  # read by torch LR schedulers
 
-    @property
-    def steps(self) -> int:
-        """Completed steps (a skipped one does not count)."""
-        self._settle()
-        return self._steps_raw
-
-    @steps.setter
-    def steps(self, value: int) -> None:
-        self._settle()
-        self._steps_raw = value
-
-    @property
-    def inner_steps(self) -> int:
-        """Completed steps whose plan ran the inner (perturbing) part."""
-        self._settle()
-        return self._inner_raw
-
-    @inner_steps.setter
-    def inner_steps(self, value: int) -> None:
-        self._settle()
-        self._inner_raw = value
+    #: completed steps (a skipped one does not count), and those whose plan was inner
+    steps, inner_steps = _Counter("_steps_raw"), _Counter("_inner_raw")
 
     def _settle(self) -> None:
         """Steps a fused base optimizer skipped on the device flag were counted; take them
