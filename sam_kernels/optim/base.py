@@ -389,7 +389,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         try:
             if k == 0:
                 self._check_groups()  # a group may have changed since the plan was made
-            slots = self._slots() if plan.passes[k] or last else []
+            slots = self._slots() if (plan.passes[k] or last) and \
+                (not last or self._final_slots_needed()) else []
             if plan.passes[k]:
                 self._consume_pass(slots)
             self._will_zero = zero_grad and not last and plan.passes[k + 1]
@@ -614,37 +615,32 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         try:
             for (r, ada, eta), (keys, params, ds) in buckets.items():
                 bufs = self._backups(keys, params) if keep_backup else []
-                with _dense(params) as work:
-                    self._ops().perturb_(work, ds, sum_sq, r, self.eps, ada, eta, bufs)
+                args = (ds, sum_sq, r, self.eps, ada, eta)
+                try:
+                    _on_params(self._ops().perturb_, params, *args, bufs)
+                except ValueError:  # a parameter's .data changed since the buffers were made
+                    if not keep_backup:
+                        raise
+                    bufs = self._backups(keys, params, check=True)
+                    _on_params(self._ops().perturb_, params, *args, bufs)
                 moved.extend(params)
                 backups.extend(bufs)
         except BaseException:
             if moved and keep_backup:  # a later bucket failed: put the earlier ones back
-                with _dense(moved) as work:
-                    self._ops().restore_(work, backups)
+                _on_params(self._ops().restore_, moved, backups)
             raise
         if keep_backup:
             self._perturbed = (moved, backups)
 
-    def _backups(self, keys: Tensors, params: Tensors) -> Tensors:
+    def _backups(self, keys: Tensors, params: Tensors, check: bool = False) -> Tensors:
         """The persistent backup buffers of `keys` (shaped like `params`), one cached list per
-        parameter list (checking each buffer per step costs more host time than the copy on
-        thousands of small tensors); rebuilt when a parameter's .data changed."""
+        parameter list, not checked per step (that costs more host time than the copy on
+        thousands of small tensors): the kernel refuses a stale one, then `check=True`."""
         cache = self._caches.setdefault("backup_lists", {})
         key = tuple(map(id, keys))
-        bufs = cache.get(key)
-        if bufs is None or any(b.shape != p.shape or b.dtype != p.dtype or
-                               b.stride() != p.stride() for b, p in zip(bufs, params)):
-            store = self._caches.setdefault("backup", {})
-            bufs = []
-            for k, p in zip(keys, params):
-                b = store.get(k)
-                if b is None or b.shape != p.shape or b.dtype != p.dtype or \
-                        b.stride() != p.stride() or b.device != p.device:
-                    b = store[k] = torch.empty_like(p, memory_format=torch.preserve_format)
-                bufs.append(b)
-            cache[key] = bufs
-        return bufs
+        if check or key not in cache:
+            cache[key] = self._scratch("backup", keys, params)
+        return cache[key]
 
     @torch.no_grad()
     def _restore(self) -> None:
@@ -652,8 +648,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         if self._perturbed is not None:
             params, backups = self._perturbed
             if params:
-                with _dense(params) as work:
-                    self._ops().restore_(work, backups)
+                _on_params(self._ops().restore_, params, backups)
             self._perturbed = None
 
     def _keep(self, slots: List[GradSlots], steal: bool = True, name: str = "kept") -> Tensors:
@@ -726,6 +721,13 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         flipped = [g for s in slots if s.group.get("maximize", False) for g in s.grads]
         if flipped:
             self._scale(flipped, torch.tensor(-1.0, device=flipped[0].device))
+
+    def _final_slots_needed(self) -> bool:
+        """Whether the last stage reads the gradients (not for plain SAM: the base optimizer
+        reads them itself; listing thousands of them costs host time)."""
+        return type(self)._combine is not SharpnessAwareOptimizer._combine or \
+            self.max_grad_norm is not None or self.skip_nonfinite or self.sync == "none" or \
+            any(g.get("maximize", False) for g in self.param_groups)
 
     def _finish(self, slots: List[GradSlots]) -> None:
         """The last stage: combine, restore w, average (sync='none'), negate back (maximize),
@@ -999,18 +1001,20 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self._watch_backward(self.param_groups)
 
 
-@contextlib.contextmanager
-def _dense(params: Tensors):
-    """`params` for a kernel that writes them: a parameter that is a non-dense view (torch
-    accepts those) is worked on in a dense copy, written back afterwards."""
-    bad = [i for i, p in enumerate(params) if not _checks.dense(p)]
-    if not bad:
-        yield params
-        return
+def _on_params(op: Callable, params: Tensors, *args: Any) -> None:
+    """op(params, *args) for a kernel that writes `params`. A parameter that is a non-dense
+    view (torch accepts those) is worked on in a dense copy, written back afterwards; the
+    kernels refuse it before writing anything, so the common call costs nothing extra."""
+    try:
+        return op(params, *args)
+    except ValueError:
+        bad = [i for i, p in enumerate(params) if not _checks.dense(p)]
+        if not bad:
+            raise
     work = list(params)
     for i in bad:
         work[i] = params[i].detach().contiguous()
-    yield work
+    op(work, *args)
     with torch.no_grad():
         for i in bad:
             params[i].copy_(work[i])

@@ -1,5 +1,5 @@
 """WSAM — weighted sharpness as a regularization term (Yue et al., KDD 2023)."""
-from .base import SharpnessAwareOptimizer, _dense
+from .base import SharpnessAwareOptimizer, _on_params
 from .gsam import matched
 
 
@@ -41,8 +41,7 @@ class WSAM(SharpnessAwareOptimizer):
     def _after_base_step(self) -> None:
         alpha = self.gamma / (1.0 - self.gamma)
         for group, params, diff in self._held.get("diff", ()):
-            with _dense(params) as work:
-                self._ops().axpby_(work, diff, -float(group["lr"]) * alpha, 1.0)
+            _on_params(self._ops().axpby_, params, diff, -float(group["lr"]) * alpha, 1.0)
 
 
 def _offsets(slots):
