@@ -306,3 +306,20 @@ def test_fuzz_findings_at_the_edges():
     assert opt.state_dict()["sam"]["extra"]["steps"] == 1
     with pytest.raises(ValueError, match=r"Invalid lr value: 'a' \(a builtins.str"):
         sk.SAM(params((3,)), torch.optim.SGD, lr="a")
+
+
+@pytest.mark.parametrize("granularity", ["global", "tensor"])
+def test_looksam_fp16_gradients_give_finite_weights(granularity):
+    """Issue 18: per-tensor LookSAM turned finite fp16 gradients into NaN weights (its norms
+    were taken in fp16, where squares past 65504 overflow); they are fp64 sums now."""
+    ps = [torch.nn.Parameter(torch.full((64,), 0.5, dtype=torch.float16)) for _ in range(2)]
+    opt = sk.LookSAM(ps, torch.optim.SGD, k=2, rho=0.01, granularity=granularity, lr=1e-4)
+    for _ in range(4):
+        def closure():
+            opt.zero_grad()
+            loss = sum((p.float() * 300.0).sum() for p in ps)  # |g| = 300: g² overflows fp16
+            loss.backward()
+            return loss
+        opt.step(closure)
+    assert all(torch.isfinite(p).all() for p in ps)
+    assert all(torch.isfinite(t).all() for s in opt.state.values() for t in s.values())
