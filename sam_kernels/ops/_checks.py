@@ -127,6 +127,18 @@ def aligned(first: Sequence[torch.Tensor], xs: Sequence[torch.Tensor]) -> List[t
 
 
 # ---------------------------------------------------------------------------- 3. scalars
+def _check_device_float(op: str, name: str, t: torch.Tensor, device_type: str) -> None:
+    """What every device scalar/factor argument must be: a dense float32/float64 tensor on the
+    tensors' device, contiguous."""
+    if t.layout != torch.strided or t.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{op}: {name} must be a dense float32 or float64 tensor, got "
+                         f"{t.dtype}" + ("" if t.layout == torch.strided else " (sparse)"))
+    if t.device.type != device_type:
+        raise ValueError(f"{op}: {name} is on {t.device} but the tensors are on {device_type}")
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous; pass {name}.contiguous()")
+
+
 def check_scalar_tensor(op: str, name: str, t: torch.Tensor, numel: int, device_type: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
@@ -135,13 +147,7 @@ def check_scalar_tensor(op: str, name: str, t: torch.Tensor, numel: int, device_
         wanted = "shape () or (1,)" if numel == 1 else f"shape ({numel},)"
         raise ValueError(f"{op}: {name} must have {numel} element(s) ({wanted}), got shape "
                          f"{list(t.shape)}")
-    if t.layout != torch.strided or t.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"{op}: {name} must be a dense float32 or float64 tensor, got "
-                         f"{t.dtype}" + ("" if t.layout == torch.strided else " (sparse)"))
-    if t.device.type != device_type:
-        raise ValueError(f"{op}: {name} is on {t.device} but the tensors are on {device_type}")
-    if not t.is_contiguous():
-        raise ValueError(f"{op}: {name} must be contiguous; pass {name}.contiguous()")
+    _check_device_float(op, name, t, device_type)
 
 
 def check_factor_tensor(op: str, name: str, t: torch.Tensor, n: int, device_type: str) -> None:
@@ -154,13 +160,7 @@ def check_factor_tensor(op: str, name: str, t: torch.Tensor, n: int, device_type
     if not (t.dim() == 0 or (t.dim() == 1 and t.shape[0] == n)):
         raise ValueError(f"{op}: {name} must be a 0-d tensor (one factor for every tensor) or "
                          f"have one factor per tensor (shape ({n},)), got shape {list(t.shape)}")
-    if t.layout != torch.strided or t.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"{op}: {name} must be a dense float32 or float64 tensor, got "
-                         f"{t.dtype}" + ("" if t.layout == torch.strided else " (sparse)"))
-    if t.device.type != device_type:
-        raise ValueError(f"{op}: {name} is on {t.device} but the tensors are on {device_type}")
-    if not t.is_contiguous():
-        raise ValueError(f"{op}: {name} must be contiguous; pass {name}.contiguous()")
+    _check_device_float(op, name, t, device_type)
 
 
 # ---------------------------------------------------------------------------- 4. aliasing

@@ -77,15 +77,10 @@ inline void check_paired_lists(const char* op, const char* a_name, at::TensorLis
   }
 }
 
-// A device scalar: sum_sq (1 element, shape () or (1,)) or stats (shape (3,)).
-inline void check_scalar_tensor(const char* op, const char* name, const at::Tensor& t,
-                                int64_t numel, c10::DeviceType device_type) {
-  const bool shape_ok = numel == 1 ? (t.dim() == 0 || (t.dim() == 1 && t.size(0) == 1))
-                                   : (t.dim() == 1 && t.size(0) == numel);
-  TORCH_CHECK_VALUE(shape_ok, op, ": ", name, " must have ", numel, " element(s) (",
-                    numel == 1 ? std::string("shape () or (1,)")
-                               : "shape (" + std::to_string(numel) + ",)",
-                    "), got shape ", t.sizes());
+// What every device scalar/factor argument must be: a dense float32/float64 tensor on the
+// tensors' device, contiguous (the same rules and messages as _checks._check_device_float).
+inline void check_device_float(const char* op, const char* name, const at::Tensor& t,
+                               c10::DeviceType device_type) {
   TORCH_CHECK_VALUE(t.layout() == at::kStrided &&
                         (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
                     op, ": ", name, " must be a dense float32 or float64 tensor, got ",
@@ -97,6 +92,18 @@ inline void check_scalar_tensor(const char* op, const char* name, const at::Tens
                     ".contiguous()");
 }
 
+// A device scalar: sum_sq (1 element, shape () or (1,)) or stats (shape (3,)).
+inline void check_scalar_tensor(const char* op, const char* name, const at::Tensor& t,
+                                int64_t numel, c10::DeviceType device_type) {
+  const bool shape_ok = numel == 1 ? (t.dim() == 0 || (t.dim() == 1 && t.size(0) == 1))
+                                   : (t.dim() == 1 && t.size(0) == numel);
+  TORCH_CHECK_VALUE(shape_ok, op, ": ", name, " must have ", numel, " element(s) (",
+                    numel == 1 ? std::string("shape () or (1,)")
+                               : "shape (" + std::to_string(numel) + ",)",
+                    "), got shape ", t.sizes());
+  check_device_float(op, name, t, device_type);
+}
+
 // scale_/add_scaled_'s device factor: 0-d (one factor for every tensor) or shape (n,) (one per
 // tensor of the n-tensor list); float32/float64, on the tensors' device, contiguous. Same rules
 // and messages as _checks.check_factor_tensor.
@@ -105,15 +112,7 @@ inline void check_factor_tensor(const char* op, const char* name, const at::Tens
   TORCH_CHECK_VALUE(t.dim() == 0 || (t.dim() == 1 && t.size(0) == n), op, ": ", name,
                     " must be a 0-d tensor (one factor for every tensor) or have one factor per "
                     "tensor (shape (", n, ",)), got shape ", t.sizes());
-  TORCH_CHECK_VALUE(t.layout() == at::kStrided &&
-                        (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
-                    op, ": ", name, " must be a dense float32 or float64 tensor, got ",
-                    dtype_name(t.scalar_type()), t.layout() == at::kStrided ? "" : " (sparse)");
-  TORCH_CHECK_VALUE(t.device().type() == device_type, op, ": ", name, " is on ", t.device(),
-                    " but the tensors are on ",
-                    c10::DeviceTypeName(device_type, /*lower_case=*/true));
-  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous; pass ", name,
-                    ".contiguous()");
+  check_device_float(op, name, t, device_type);
 }
 
 // ---- Aliasing ----------------------------------------------------------------------------------
