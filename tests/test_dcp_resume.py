@@ -10,15 +10,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from algorithms import ALGORITHMS, make
+from test_dcp import _model  # the same small double MLP
 
 STEPS, SPLIT = 5, 2
 NAMES = list(ALGORITHMS)
-
-
-def _model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(),
-                               torch.nn.Linear(7, 1)).double()
 
 
 def _shard(model, world):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sam_kernels as sk
-from algorithms import data, loss_of, params
+from algorithms import closure_for, data, loss_of, params
 
 SHAPES = ((7,), (3, 5), (1,), (2, 3, 4))
 LR, MOMENTUM, RHO, EPS = 0.05, 0.9, 0.1, 1e-12
@@ -46,12 +46,7 @@ def _run(backend, device, gamma, decouple, steps=4):
     opt = sk.WSAM(ps, torch.optim.SGD, rho=RHO, gamma=gamma, decouple=decouple, eps=EPS,
                   lr=LR, momentum=MOMENTUM, backend=backend)
     for x in xs:
-        def closure():
-            opt.zero_grad()
-            loss = loss_of(ps, x)
-            loss.backward()
-            return loss
-        opt.step(closure)
+        opt.step(closure_for(opt, ps, x))
     return ps, xs
 
 
@@ -80,12 +75,7 @@ def test_gamma_zero_is_sgd_at_w_and_coupled_gamma_half_is_sam():
     sam = sk.SAM(ps_s, torch.optim.SGD, rho=RHO, eps=EPS, lr=LR, momentum=MOMENTUM,
                  backend="reference")
     for x in xs:
-        def closure():
-            sam.zero_grad()
-            loss = loss_of(ps_s, x)
-            loss.backward()
-            return loss
-        sam.step(closure)
+        sam.step(closure_for(sam, ps_s, x))
     for a, b in zip(ps_w, ps_s):
         torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
 

@@ -360,8 +360,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         if self._current is None:
             for p in self.__dict__.pop("_template", ()):
                 self.state.pop(p, None)
-            self._check_groups()
-            self._begin_txn()
+            self._begin_txn()  # the groups are checked at stage 0, before anything moves
             try:
                 plan = self._plan()
             except BaseException:
@@ -387,8 +386,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                                f"is {order}, each after its backward pass")
         last = k == len(plan.passes) - 1
         try:
-            if k == 0:
-                self._check_groups()  # a group may have changed since the plan was made
+            if k == 0 and not getattr(self, "_in_step", False):
+                self._check_groups()  # step() checked them before its first pass
             slots = self._slots() if (plan.passes[k] or last) and \
                 (not last or self._final_slots_needed()) else []
             if plan.passes[k]:
@@ -433,6 +432,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         given = self._backward_seen()
         plan = self._ensure_plan()
         try:
+            self._check_groups()  # before any pass runs
             compat.check_given_pass(self, closure, given, plan)
             if not given:
                 self.zero_grad()  # this optimizer's last gradients never leak into pass 1
